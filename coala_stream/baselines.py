@@ -1,0 +1,127 @@
+"""Baselines for comparison: what peers do, implemented as they do it.
+
+Pure functions on tensors. These are here to be measured against COALA, not
+recommended: SVD-LLM's whitening forms and factors the Gram matrix X^T X,
+which squares cond(X) and fails (or silently loses accuracy) once cond(X)
+passes about 1/sqrt(eps) of the working precision.
+
+- ``svd_factors``: truncated SVD of W alone (data-free).
+- ``svdllm_factors``: SVD-LLM (Wang et al., 2024): Cholesky S of the Gram
+  matrix, SVD of W S, multiply back by S^-1; when Cholesky fails, the
+  diagonal damping peers use (shift by the most negative eigenvalue plus a
+  small multiple of the mean diagonal, then retry with growing damping).
+- ``asvd_factors``: ASVD (Yuan et al., 2023): scale columns by
+  diag(mean |x|)^alpha, SVD, unscale.
+
+All return (A, B) with W' = A @ B, A (m x r), B (r x n), each carrying
+sqrt of the kept singular values so both factors have similar scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .errors import UsageError
+from .linalg import _check_matrix, _check_rank
+
+
+class NumericalFallbackWarning(RuntimeWarning):
+    """A baseline hit a numerical failure and fell back (e.g. damped Cholesky)."""
+
+
+def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r approximation of W in the plain Frobenius norm (no data)."""
+    _check_matrix("W", W)
+    _check_rank(rank, *W.shape)
+    Wf = W.to(torch.promote_types(W.dtype, torch.float32))
+    U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+    return _split(U[:, :rank], S[:rank], Vh[:rank])
+
+
+def svdllm_factors(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_damping_tries: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM truncation-aware whitening from the Gram matrix G = X^T X (n x n).
+
+    G = S S^T (Cholesky, in ``dtype``); W S = U Sigma V^T;
+    W' = U_r Sigma_r V_r^T S^-1 with the explicit inverse of S, as SVD-LLM does.
+    On Cholesky failure: damped retries, with a ``NumericalFallbackWarning``.
+    Raises ``torch.linalg.LinAlgError`` if all damping tries fail.
+    """
+    _check_matrix("W", W)
+    _check_matrix("gram", gram)
+    n = W.shape[1]
+    if gram.shape != (n, n):
+        raise UsageError(f"gram: expected ({n}, {n}) for W of {tuple(W.shape)}, got {tuple(gram.shape)}")
+    _check_rank(rank, *W.shape)
+    G = gram.to(dtype)
+    S = _damped_cholesky(G, max_damping_tries)
+    Wd = W.to(dtype)
+    U, sig, Vh = torch.linalg.svd(Wd @ S, full_matrices=False)
+    S_inv = torch.linalg.inv(S)
+    return _split(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv)
+
+
+def asvd_factors(
+    W: torch.Tensor,
+    abs_mean: torch.Tensor,
+    rank: int,
+    *,
+    alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ASVD activation-aware SVD: scale the input columns of W by mean|x|^alpha.
+
+    ``abs_mean`` (n,) is the mean absolute input per feature. Features that
+    were never active (mean 0) get a floor of 1e-6 x the largest scale, so the
+    unscaling never divides by zero.
+    """
+    _check_matrix("W", W)
+    _check_rank(rank, *W.shape)
+    n = W.shape[1]
+    if not isinstance(abs_mean, torch.Tensor) or abs_mean.shape != (n,):
+        raise UsageError(f"abs_mean: expected a tensor of shape ({n},), got {getattr(abs_mean, 'shape', type(abs_mean))}")
+    if not bool(torch.isfinite(abs_mean).all()) or bool((abs_mean < 0).any()):
+        raise UsageError("abs_mean: expected finite, non-negative values")
+    dtype = torch.promote_types(W.dtype, torch.float32)
+    scale = abs_mean.to(dtype).pow(alpha)
+    scale = torch.clamp(scale, min=float(scale.max()) * 1e-6 if float(scale.max()) > 0 else 1.0)
+    U, S, Vh = torch.linalg.svd(W.to(dtype) * scale, full_matrices=False)
+    return _split(U[:, :rank], S[:rank], Vh[:rank] / scale)
+
+
+def _damped_cholesky(G: torch.Tensor, tries: int) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        return L
+    # SVD-LLM shifts by the most negative eigenvalue; GPTQ-style pipelines add a
+    # fraction of the mean diagonal. Do the first, then grow the second.
+    eig_min = float(torch.linalg.eigvalsh(G).min())
+    mean_diag = float(torch.diagonal(G).mean().abs()) or 1.0
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    damp = max(-eig_min, 0.0) + 1e-6 * mean_diag
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(G + damp * eye)
+        if int(info) == 0:
+            warnings.warn(
+                f"Gram matrix not positive definite in {G.dtype}; Cholesky succeeded after "
+                f"damping by {damp:.3g} ({damp / mean_diag:.2g} x mean diagonal)",
+                NumericalFallbackWarning,
+                stacklevel=3,
+            )
+            return L
+        damp *= 10.0
+    raise torch.linalg.LinAlgError(
+        f"Cholesky of the Gram matrix failed even with damping {damp / 10:.3g}"
+    )
+
+
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    root = S.clamp(min=0).sqrt()
+    return U * root, root.unsqueeze(1) * Vh

@@ -1,0 +1,277 @@
+"""The COALA math: streaming R, and the optimal low-rank factors from R.
+
+Pure functions on tensors (no files, no global state). Reference: Parkina et
+al., "COALA: Numerically Stable and Efficient Framework for Context-Aware
+Low-Rank Approximation" (arXiv 2507.07580); TSQR: Demmel, Grigori, Hoemmen &
+Langou, "Communication-optimal parallel and sequential QR" (2012).
+
+Conventions: W is (m x n) = (out x in) as in ``torch.nn.Linear``; calibration
+inputs are rows X (N x n); R is the upper-trapezoidal factor of a QR of X,
+(min(N, n) x n), with canonical sign diag(R) >= 0, so R^T R = X^T X. The Gram
+matrix X^T X is never formed: that would square cond(X).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .errors import UsageError
+
+WORK_DTYPES = (torch.float32, torch.float64)
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fold_r(
+    blocks: Iterable[torch.Tensor],
+    R: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Fold row blocks of X into the triangular factor R (sequential TSQR).
+
+    ``R <- qr([R; X_i]).R`` for each block. Short blocks are grouped so every
+    QR sees at least n new rows (a fold costs about 2 (t + n) n^2 flops for t
+    new rows: t << n wastes most of it on re-factoring R).
+
+    Args:
+        blocks: 2-D tensors (t_i x n) of any float dtype; upcast to ``dtype``
+            on ``device`` (16-bit inputs upcast exactly).
+        R: a previous factor (k x n) to continue from, or None.
+        dtype: working precision, float32 or float64.
+        device: where to compute; default: R's device, else the first block's.
+
+    Returns:
+        R (min(N, n) x n, upper-trapezoidal, diag >= 0) with
+        R^T R = R0^T R0 + sum X_i^T X_i to working precision.
+
+    Raises:
+        UsageError (a ValueError) naming the argument for a wrong shape or
+        dtype, or a block holding NaN/Inf (with its index).
+    """
+    _check_work_dtype(dtype)
+    if R is not None:
+        _check_matrix("R", R)
+        device = R.device if device is None else device
+        R = R.to(device=device, dtype=dtype)
+    pending: list[torch.Tensor] = []
+    pending_rows = 0
+    n = None if R is None else R.shape[1]
+    for index, block in enumerate(blocks):
+        X = prepare_block(block, f"blocks[{index}]", n, dtype, device)
+        device, n = X.device, X.shape[1]
+        if X.shape[0] == 0:
+            continue
+        pending.append(X)
+        pending_rows += X.shape[0]
+        if pending_rows >= X.shape[1]:
+            R = fold_block(R, _cat(pending))
+            pending, pending_rows = [], 0
+    if pending:
+        R = fold_block(R, _cat(pending))
+    if R is None:
+        if n is None:
+            raise UsageError("blocks: no block to fold (the iterable was empty and R is None)")
+        R = torch.zeros(0, n, dtype=dtype, device=device)  # only zero-row blocks: X^T X = 0
+    return R
+
+
+def fold_block(R: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
+    """One TSQR step: the canonical R of [R; X]. No checks: callers validate.
+
+    R and X share dtype (float32/float64) and device. Cost about
+    2 (k + t) n^2 flops for R (k x n) and X (t x n).
+    """
+    stacked = X if R is None else torch.cat([R, X])
+    return _canonical(torch.linalg.qr(stacked, mode="r").R)
+
+
+def merge_r(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """The TSQR merge of two partial factors: R of [X1; X2] from R1 and R2.
+
+    Computed in the wider of the two dtypes (at least float32), on R1's device.
+    Associative and commutative up to rounding, so partial factors from
+    workers may merge in any tree.
+    """
+    _check_matrix("R1", R1)
+    _check_matrix("R2", R2)
+    if R1.shape[1] != R2.shape[1]:
+        raise UsageError(
+            f"R2: expected {R1.shape[1]} columns to match R1, got {R2.shape[1]}"
+        )
+    dtype = torch.promote_types(torch.promote_types(R1.dtype, R2.dtype), torch.float32)
+    return fold_block(R1.to(dtype), R2.to(device=R1.device, dtype=dtype))
+
+
+def regularize_r(R: torch.Tensor, mu: float) -> torch.Tensor:
+    """R of [X; sqrt(mu) I]: the factor of the mu-regularised objective.
+
+    ``||X (W - W')^T||^2 + mu ||W - W'||^2`` equals the plain objective for X
+    augmented with sqrt(mu) I, so regularisation is one more fold, no inverse.
+    """
+    mu = _check_mu(mu)
+    if mu == 0.0:
+        return R
+    n = R.shape[1]
+    eye = torch.eye(n, dtype=R.dtype, device=R.device) * math.sqrt(mu)
+    return fold_block(R, eye)
+
+
+def coala_svd(
+    W: torch.Tensor, R: torch.Tensor, mu: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values of W R^T (with R regularised by mu).
+
+    Returns U (m x k) and S (k,), k = min(m, rows of R), descending. The exact
+    weighted error of the best rank-r approximation is sum_{i >= r} S_i^2
+    (see ``tail_energy``); sum S_i^2 = ||X W^T||_F^2 (+ mu ||W||_F^2).
+    Computed in the wider of W's and R's dtypes, at least float32.
+    """
+    W, R = _check_w_r(W, R)
+    R = regularize_r(R, mu)
+    U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
+    return U, S
+
+
+def coala_factors(
+    W: torch.Tensor,
+    R: torch.Tensor,
+    rank: int,
+    mu: float = 0.0,
+    *,
+    return_singular_values: bool = False,
+):
+    """The rank-r minimiser of ||X (W - A B)^T||_F^2 + mu ||W - A B||_F^2.
+
+    ``W R^T = U S V^T``; A = U_r (m x r, orthonormal columns), B = U_r^T W
+    (r x n). Nothing is inverted, so a singular R (fewer tokens than features)
+    or an ill-conditioned X is fine. When r exceeds rank(W R^T) the objective
+    is already zero with fewer columns; the remaining columns of A are the top
+    left singular vectors of the residual W - U U^T W, which keeps W' closest
+    to W among the minimisers.
+
+    Args:
+        W: weight (m x n), any float dtype.
+        R: triangular factor of the calibration inputs (k x n), e.g. from fold_r.
+        rank: 1 <= rank <= min(m, n).
+        mu: absolute regularisation mu >= 0 (appends sqrt(mu) I to X).
+        return_singular_values: also return S, the singular values of W R^T.
+
+    Returns:
+        (A, B) or (A, B, S), in the working dtype (the wider of W's and R's,
+        at least float32).
+    """
+    W, R = _check_w_r(W, R)
+    _check_rank(rank, *W.shape)
+    U, S = coala_svd(W, R, mu)
+    A = U[:, :rank]
+    if rank > A.shape[1]:
+        A = torch.cat([A, _residual_directions(W, A, rank - A.shape[1])], dim=1)
+    B = A.T @ W
+    return (A, B, S) if return_singular_values else (A, B)
+
+
+def tail_energy(S: torch.Tensor) -> torch.Tensor:
+    """E[r] = sum_{i >= r} S_i^2 for r = 0..len(S): the squared error of each rank.
+
+    Summed from the small end in float64 so tiny tails are not lost to rounding.
+    """
+    sq = S.detach().to(torch.float64).flip(0).square()
+    tail = torch.cumsum(sq, 0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """SVD-LLM's rank for removing ``ratio`` of an (m x n) matrix's parameters.
+
+    r = floor((1 - ratio) m n / (m + n)), at least 1; the factors then hold
+    r (m + n) <= (1 - ratio) m n parameters.
+    """
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        raise UsageError(f"ratio: expected a fraction of parameters to remove in (0, 1), got {ratio!r}")
+    return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _canonical(R: torch.Tensor) -> torch.Tensor:
+    """Flip rows so diag(R) >= 0: makes R unique for full-rank X."""
+    k = min(R.shape)
+    sign = torch.sign(torch.diagonal(R[:k, :k]))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return R[:k] * sign.unsqueeze(1)
+
+
+def _residual_directions(W: torch.Tensor, A: torch.Tensor, count: int) -> torch.Tensor:
+    residual = W - A @ (A.T @ W)
+    U, _, _ = torch.linalg.svd(residual, full_matrices=False)
+    return U[:, :count]
+
+
+def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+def prepare_block(block, name: str, n: int | None, dtype, device) -> torch.Tensor:
+    """Validate one block (2-D, float, n columns, finite) and upcast it on ``device``.
+
+    Raises UsageError naming ``name``. Drivers that run their own loop around
+    ``fold_block`` (reduce's checkpointed stream) use this for the same checks.
+    """
+    if not isinstance(block, torch.Tensor):
+        raise UsageError(f"{name}: expected a torch.Tensor, got {type(block).__name__}")
+    if block.ndim != 2:
+        raise UsageError(f"{name}: expected a 2-D (tokens x n) tensor, got shape {tuple(block.shape)}")
+    if block.dtype not in INPUT_DTYPES:
+        raise UsageError(f"{name}: expected a float dtype {INPUT_DTYPES}, got {block.dtype}")
+    if n is not None and block.shape[1] != n:
+        raise UsageError(f"{name}: expected {n} columns, got {block.shape[1]}")
+    X = block.to(device=device if device is not None else block.device, dtype=dtype)
+    if not bool(torch.isfinite(X).all()):
+        raise UsageError(f"{name}: holds NaN or Inf values; refusing to fold them into R")
+    return X
+
+
+def _check_work_dtype(dtype) -> None:
+    if dtype not in WORK_DTYPES:
+        raise UsageError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+
+
+def _check_matrix(name: str, T) -> None:
+    if not isinstance(T, torch.Tensor):
+        raise UsageError(f"{name}: expected a torch.Tensor, got {type(T).__name__}")
+    if T.ndim != 2:
+        raise UsageError(f"{name}: expected a 2-D tensor, got shape {tuple(T.shape)}")
+    if T.dtype not in INPUT_DTYPES:
+        raise UsageError(f"{name}: expected a float dtype {INPUT_DTYPES}, got {T.dtype}")
+    if not bool(torch.isfinite(T).all()):
+        raise UsageError(f"{name}: holds NaN or Inf values")
+
+
+def _check_w_r(W, R) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_matrix("W", W)
+    _check_matrix("R", R)
+    if W.shape[1] != R.shape[1]:
+        raise UsageError(
+            f"R: expected {W.shape[1]} columns (W is {W.shape[0]} x {W.shape[1]}, out x in), "
+            f"got R of shape {tuple(R.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(W.dtype, R.dtype), torch.float32)
+    return W.to(dtype), R.to(device=W.device, dtype=dtype)
+
+
+def _check_rank(rank, m: int, n: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise UsageError(f"rank: expected an int, got {type(rank).__name__}")
+    if not 1 <= rank <= min(m, n):
+        raise UsageError(f"rank: expected 1 <= rank <= min(m, n) = {min(m, n)} for W of {m} x {n}, got {rank}")
+
+
+def _check_mu(mu) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
+        raise UsageError(f"mu: expected a finite number >= 0, got {mu!r}")
+    return float(mu)

@@ -1,0 +1,244 @@
+"""The COALA math against float64 references: fold_r, merge_r, coala_factors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coala_stream.linalg import (
+    coala_factors,
+    coala_svd,
+    fold_r,
+    merge_r,
+    rank_for_ratio,
+    regularize_r,
+    tail_energy,
+)
+
+F64 = torch.float64
+
+
+def spectrum_matrix(N, n, singular_values, seed=0, dtype=F64):
+    """X = Q1 diag(s) Q2^T with prescribed singular values (N >= n)."""
+    g = torch.Generator().manual_seed(seed)
+    Q1, _ = torch.linalg.qr(torch.randn(N, len(singular_values), generator=g, dtype=dtype))
+    Q2, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))
+    return (Q1 * singular_values.to(dtype)) @ Q2[:, : len(singular_values)].T
+
+
+def log_spectrum(n, cond):
+    return torch.logspace(0, -math.log10(cond), n, dtype=F64)
+
+
+def objective(X, W, A, B, mu=0.0):
+    """||X (W - AB)^T||_F^2 + mu ||W - AB||_F^2 in float64."""
+    D = W.to(F64) - A.to(F64) @ B.to(F64)
+    return float(torch.linalg.norm(X.to(F64) @ D.T) ** 2 + mu * torch.linalg.norm(D) ** 2)
+
+
+def gram_error(R, X):
+    G = X.to(F64).T @ X.to(F64)
+    return float(torch.linalg.norm(R.to(F64).T @ R.to(F64) - G) / torch.linalg.norm(G))
+
+
+# -- fold_r -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_fold_equals_one_shot_qr_for_random_splits(seed):
+    g = torch.Generator().manual_seed(seed)
+    N, n = 700, 48
+    X = torch.randn(N, n, generator=g, dtype=F64) * torch.logspace(0, 3, n, dtype=F64)
+    cuts = sorted(torch.randint(0, N, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist())
+    blocks = [X[a:b] for a, b in zip([0] + cuts, cuts + [N])]  # zero-row blocks included
+    R = fold_r(blocks, dtype=F64)
+    R_ref = torch.linalg.qr(X, mode="r").R
+    R_ref = R_ref * torch.sign(torch.diagonal(R_ref)).unsqueeze(1)
+    assert R.shape == (n, n)
+    assert torch.equal(R, torch.triu(R))
+    assert bool((torch.diagonal(R) >= 0).all())
+    torch.testing.assert_close(R, R_ref, rtol=1e-10, atol=1e-10 * float(R_ref.abs().max()))
+    assert gram_error(R, X) < 1e-13
+
+
+def test_fold_continues_from_previous_r():
+    X = torch.randn(300, 20, dtype=F64)
+    R_all = fold_r([X], dtype=F64)
+    R_two = fold_r([X[200:]], fold_r([X[:200]], dtype=F64), dtype=F64)
+    torch.testing.assert_close(R_two, R_all)
+
+
+def test_fewer_tokens_than_features_gives_trapezoidal_r():
+    X = torch.randn(7, 30, dtype=F64)
+    R = fold_r([X[:3], X[3:]], dtype=F64)
+    assert R.shape == (7, 30)
+    assert torch.equal(R, torch.triu(R))
+    assert gram_error(R, X) < 1e-13
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_16bit_blocks_give_the_r_of_their_float32_upcast(half):
+    X = torch.randn(257, 40).to(half)
+    R_half = fold_r(X.split(64), dtype=torch.float32)
+    R_up = fold_r(X.float().split(64), dtype=torch.float32)
+    assert torch.equal(R_half, R_up)
+    assert R_half.dtype == torch.float32
+
+
+def test_float32_fold_matches_float64_reference_on_ill_conditioned_input():
+    X = spectrum_matrix(2000, 64, log_spectrum(64, 1e6)).float()
+    R = fold_r(X.split(300), dtype=torch.float32)
+    assert gram_error(R, X) < 1e-6  # backward stable: error ~ eps, not eps * cond^2
+
+
+# -- merge_r ------------------------------------------------------------------
+
+
+def test_merge_is_associative_and_equals_the_fold_of_everything():
+    parts = [torch.randn(k, 25, dtype=F64) for k in (40, 90, 13)]
+    R1, R2, R3 = (fold_r([p], dtype=F64) for p in parts)
+    left = merge_r(merge_r(R1, R2), R3)
+    right = merge_r(R1, merge_r(R2, R3))
+    whole = fold_r([torch.cat(parts)], dtype=F64)
+    torch.testing.assert_close(left, right, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(left, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_of_short_partials_is_trapezoidal():
+    R1 = fold_r([torch.randn(3, 10, dtype=F64)], dtype=F64)
+    R2 = fold_r([torch.randn(4, 10, dtype=F64)], dtype=F64)
+    assert merge_r(R1, R2).shape == (7, 10)
+
+
+# -- coala_factors ------------------------------------------------------------
+
+
+def test_error_equals_tail_of_singular_values_and_beats_random_alternatives():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 32, generator=g, dtype=F64) * torch.logspace(0, 2, 32, dtype=F64)
+    W = torch.randn(24, 32, generator=g, dtype=F64)
+    R = fold_r([X], dtype=F64)
+    for rank in (1, 5, 12, 24):
+        A, B, S = coala_factors(W, R, rank, return_singular_values=True)
+        best = objective(X, W, A, B)
+        assert best == pytest.approx(float(tail_energy(S)[rank]), rel=1e-9, abs=1e-9)
+        for _ in range(20):  # random rank-r candidates and perturbations of the optimum
+            A2 = A + 1e-3 * torch.randn(A.shape, generator=g, dtype=F64)
+            B2 = B + 1e-3 * torch.randn(B.shape, generator=g, dtype=F64)
+            assert objective(X, W, A2, B2) >= best * (1 - 1e-12)
+            A3, B3 = torch.randn(A.shape, generator=g, dtype=F64), torch.randn(B.shape, generator=g, dtype=F64)
+            assert objective(X, W, A3, B3) >= best
+
+
+def test_factors_shapes_and_orthonormal_a():
+    W = torch.randn(30, 20, dtype=F64)
+    R = fold_r([torch.randn(100, 20, dtype=F64)], dtype=F64)
+    A, B = coala_factors(W, R, 7)
+    assert A.shape == (30, 7) and B.shape == (7, 20)
+    torch.testing.assert_close(A.T @ A, torch.eye(7, dtype=F64))
+
+
+@pytest.mark.parametrize("cond", [1e1, 1e3, 1e5, 1e7])
+def test_float32_coala_within_0p1_percent_of_float64_optimum(cond):
+    n, r = 64, 16
+    X = spectrum_matrix(1024, n, log_spectrum(n, cond), seed=int(math.log10(cond)))
+    W = torch.randn(96, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    A64, B64 = coala_factors(W, fold_r([X], dtype=F64), r)
+    optimum = objective(X, W, A64, B64)
+    R32 = fold_r(X.float().split(200), dtype=torch.float32)
+    A32, B32 = coala_factors(W.float(), R32, r)
+    assert objective(X, W, A32, B32) <= optimum * (1 + 1e-3)
+
+
+def test_rank_deficient_r_fewer_tokens_than_features():
+    g = torch.Generator().manual_seed(5)
+    N, n, m = 6, 40, 30
+    X = torch.randn(N, n, generator=g, dtype=F64)
+    W = torch.randn(m, n, generator=g, dtype=F64)
+    R = fold_r([X], dtype=F64)
+    assert R.shape == (N, n)
+    # Reference: left singular vectors of W X^T (X = Q R, Q with orthonormal columns).
+    U, S, _ = torch.linalg.svd(W @ X.T, full_matrices=False)
+    for rank in (3, 6, 10):
+        A, B = coala_factors(W, R, rank)
+        expected = float((S[rank:] ** 2).sum()) if rank < len(S) else 0.0
+        assert objective(X, W, A, B) == pytest.approx(expected, abs=1e-9 * float((S**2).sum()))
+        torch.testing.assert_close(A.T @ A, torch.eye(rank, dtype=F64))
+
+
+def test_rank_beyond_data_rank_keeps_weights_close():
+    """With r > rank(X) the extra columns follow W itself, not arbitrary directions."""
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(4, 20, generator=g, dtype=F64)
+    W = torch.randn(20, 20, generator=g, dtype=F64)
+    R = fold_r([X], dtype=F64)
+    A, B = coala_factors(W, R, 20)
+    torch.testing.assert_close(A @ B, W)
+
+
+def test_mu_equals_augmenting_x_with_scaled_identity():
+    g = torch.Generator().manual_seed(7)
+    N, n, m, rank, mu = 10, 24, 16, 5, 0.37
+    X = torch.randn(N, n, generator=g, dtype=F64)
+    W = torch.randn(m, n, generator=g, dtype=F64)
+    A, B, S = coala_factors(W, fold_r([X], dtype=F64), rank, mu=mu, return_singular_values=True)
+    X_aug = torch.cat([X, math.sqrt(mu) * torch.eye(n, dtype=F64)])
+    A2, B2 = coala_factors(W, fold_r([X_aug], dtype=F64), rank)
+    torch.testing.assert_close(A @ B, A2 @ B2)
+    assert objective(X, W, A, B, mu) == pytest.approx(float(tail_energy(S)[rank]), rel=1e-10)
+    torch.testing.assert_close(regularize_r(fold_r([X], dtype=F64), mu), fold_r([X_aug], dtype=F64))
+
+
+def test_mu_zero_leaves_r_unchanged():
+    R = fold_r([torch.randn(50, 8, dtype=F64)], dtype=F64)
+    assert regularize_r(R, 0.0) is R
+
+
+def test_total_energy_is_weighted_norm_of_w():
+    X = torch.randn(90, 16, dtype=F64)
+    W = torch.randn(12, 16, dtype=F64)
+    _, S = coala_svd(W, fold_r([X], dtype=F64))
+    assert float(tail_energy(S)[0]) == pytest.approx(float(torch.linalg.norm(X @ W.T) ** 2), rel=1e-12)
+
+
+def test_rank_for_ratio_follows_svd_llm_convention():
+    assert rank_for_ratio(576, 576, 0.2) == math.floor(0.8 * 576 * 576 / 1152)
+    assert rank_for_ratio(1536, 576, 0.4) == math.floor(0.6 * 1536 * 576 / (1536 + 576))
+    r = rank_for_ratio(1536, 576, 0.2)
+    assert r * (1536 + 576) <= 0.8 * 1536 * 576
+
+
+# -- bad input ----------------------------------------------------------------
+
+GOOD_R = torch.eye(4)
+
+
+@pytest.mark.parametrize(
+    "call, word",
+    [
+        (lambda: fold_r([torch.randn(3)]), "blocks[0]"),
+        (lambda: fold_r([torch.randn(3, 4), torch.randn(3, 5)]), "blocks[1]"),
+        (lambda: fold_r([torch.randint(0, 3, (3, 4))]), "blocks[0]"),
+        (lambda: fold_r([torch.tensor([[1.0, float("nan")]])]), "NaN"),
+        (lambda: fold_r([torch.tensor([[1.0, float("inf")]])]), "blocks[0]"),
+        (lambda: fold_r([torch.randn(3, 4)], dtype=torch.float16), "dtype"),
+        (lambda: fold_r([]), "blocks"),
+        (lambda: fold_r([torch.randn(3, 5)], R=GOOD_R), "blocks[0]"),
+        (lambda: fold_r([torch.randn(3, 4)], R=torch.randn(4)), "R"),
+        (lambda: merge_r(GOOD_R, torch.eye(5)), "R2"),
+        (lambda: coala_factors(torch.randn(6, 4), GOOD_R, 5), "rank"),
+        (lambda: coala_factors(torch.randn(6, 4), GOOD_R, 0), "rank"),
+        (lambda: coala_factors(torch.randn(6, 4), GOOD_R, 2.0), "rank"),
+        (lambda: coala_factors(torch.randn(6, 5), GOOD_R, 2), "R"),
+        (lambda: coala_factors(torch.full((6, 4), float("nan")), GOOD_R, 2), "W"),
+        (lambda: coala_factors(torch.randn(6, 4), GOOD_R, 2, mu=-1.0), "mu"),
+        (lambda: coala_factors(torch.randn(6, 4), GOOD_R, 2, mu=float("nan")), "mu"),
+        (lambda: rank_for_ratio(10, 10, 1.0), "ratio"),
+        (lambda: rank_for_ratio(10, 10, 0.0), "ratio"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(call, word):
+    with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
+        call()
