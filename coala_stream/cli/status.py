@@ -1,8 +1,107 @@
 """`coala-stream status`: show what a store holds and how far capture and reduce got."""
 
-from ._common import add_parser, not_implemented
+from __future__ import annotations
+
+import json
+
+from ._common import add_parser
+
+DESCRIPTION = """\
+Show what an activation store holds and how far capture and reduce got.
+
+Reads only attributes and the headers of reduce's files, never the activations,
+so it is quick on any store, and safe on a Zarr store that capture is still
+writing (an HDF5 store being written cannot be opened by another process).
+"""
+
+EPILOG = """\
+examples:
+  coala-stream status calib.zarr
+  coala-stream status calib.h5 --json | python -m json.tool
+"""
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "status", "show what a store holds and how far capture and reduce got", "Show what a store holds and how far capture and reduce got.\n\nNot implemented yet (issue 4).")
-    p.set_defaults(func=not_implemented("status", "issue 4"))
+    p = add_parser(subparsers, "status", "show what a store holds and how far capture and reduce got",
+                   DESCRIPTION, EPILOG)
+    p.add_argument("store", metavar="STORE", help="a Zarr store directory or an HDF5 store file")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..store import open_store  # imported here: `--help` stays fast
+
+    with open_store(args.store) as store:
+        status = store.status()
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
+
+def render(s: dict) -> str:
+    """The status dict as a human-readable report with one table row per input."""
+    cap, tot = s["capture"], s["totals"]
+    model = s.get("model") or {}
+    calib = s.get("calibration") or {}
+    lines = [
+        f"store       {s['path']}  ({s['backend']}, format {s['format_version']}, "
+        f"written by coala-stream {s['tool_version']})",
+        f"model       {model.get('name_or_path') or model.get('path') or '?'}",
+        f"calibration {calib.get('source', '?')}: {calib.get('samples', '?')} x "
+        f"{calib.get('seq_len', '?')} tokens, seed {calib.get('seed', '?')}",
+        f"dtype       {s['dtype']}, chunks of {s['chunk_tokens']} tokens",
+        f"capture     {_capture_line(cap)}",
+        f"reduce      {_reduce_summary(tot)}  ({s['reduce_dir']})",
+        f"size        {tot['inputs']} inputs, {_mb(tot['raw_bytes'])} raw, {_mb(tot['stored_bytes'])} "
+        f"on disk (ratio {tot['ratio'] or '-'})",
+        "",
+    ]
+    rows = [("input", "read by", "n", "tokens", "chunks", "on disk", "reduce")]
+    rows += [(i["name"], _consumers(i), str(i["n"]), str(i["tokens"]), str(i["chunks"]),
+              _mb(i["stored_bytes"]), _reduce_line(i["reduce"])) for i in s["inputs"]]
+    return "\n".join(lines + _table(rows))
+
+
+def _capture_line(cap: dict) -> str:
+    done, total = cap["samples_done"], cap.get("samples")
+    if cap["complete"]:
+        return f"complete ({done} samples)"
+    return f"in progress: {done} of {total if total is not None else '?'} samples committed"
+
+
+def _reduce_summary(totals: dict) -> str:
+    counts = totals["reduce"]
+    if not counts:
+        return "no inputs"
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _reduce_line(r: dict) -> str:
+    if r["state"] == "in progress":
+        text = f"in progress {r['next_chunk']} of {r['chunks']} chunks"
+    else:
+        text = r["state"]
+    if r.get("matches_store") is False:
+        text += " (stale: made from other data, will be redone)"
+    return text
+
+
+def _consumers(i: dict) -> str:
+    # q/k/v share one input: show the last name component of each consumer
+    return ",".join(c.rsplit(".", 1)[-1] for c in i["consumers"])
+
+
+def _mb(nbytes: int) -> str:
+    """Decimal units, as `du --si` and disk vendors count."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if nbytes < 1000:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    right = {2, 3, 4, 5}  # numbers align right
+    return ["  ".join(v.rjust(w) if c in right else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]

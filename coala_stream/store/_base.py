@@ -1,0 +1,355 @@
+"""`Store`: the reader and writer logic both backends share.
+
+A backend (`_zarr.ZarrStore`, `_hdf5.Hdf5Store`) supplies a few primitives on
+named 2-D arrays and their attributes; everything that defines the format (the
+commit protocol, checksums, fingerprints, chunk arithmetic) lives here once.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, StoreError, UsageError
+from . import _format as fmt
+from ._format import InputInfo, ReducedInput
+from ._status import store_status
+
+
+class Store(ABC):
+    """An activation store opened by `open_store` or made by `create_store`.
+
+    Readers trust only each input's `committed_tokens` and `chunk_crc32`
+    attributes, never the array shape (a killed write can leave rows beyond the
+    commit). Reading one chunk holds one chunk in memory.
+    """
+
+    backend = ""
+
+    def __init__(self, path: Path, writable: bool):
+        self.path = Path(path)
+        self.writable = writable
+        # one writer per input at a time: zarr rewrites a whole shard per chunk write
+        self._locks: dict[str, threading.Lock] = {}
+
+    # -- backend primitives: named (rows x n) arrays of stored values, and JSON attributes --
+    @property
+    @abstractmethod
+    def reduce_dir(self) -> Path:
+        """Where reduce writes `<name>.safetensors` (not a node of the store)."""
+
+    @abstractmethod
+    def _root_attrs(self) -> dict: ...
+    @abstractmethod
+    def _update_root_attrs(self, attrs: dict) -> None:
+        """Merge `attrs` into the root attributes in one write."""
+    @abstractmethod
+    def _input_names(self) -> list[str]: ...
+    @abstractmethod
+    def _input_attrs(self, name: str) -> dict:
+        """Attributes of input `name`; StoreError if there is no such input."""
+    @abstractmethod
+    def _set_input_attrs(self, name: str, attrs: dict) -> None:
+        """Merge `attrs` into the input's attributes, atomically where the backend can."""
+    @abstractmethod
+    def _new_array(self, name: str, n: int, attrs: dict) -> None: ...
+    @abstractmethod
+    def _rows(self, name: str) -> int:
+        """Rows the array has (committed or not)."""
+    @abstractmethod
+    def _n(self, name: str) -> int: ...
+    @abstractmethod
+    def _read_rows(self, name: str, start: int, stop: int) -> np.ndarray: ...
+    @abstractmethod
+    def _write_rows(self, name: str, start: int, a: np.ndarray) -> None: ...
+    @abstractmethod
+    def _resize(self, name: str, rows: int) -> None: ...
+    @abstractmethod
+    def stored_bytes(self, name: str) -> int:
+        """Bytes input `name` takes on disk (compressed data and its metadata)."""
+
+    def _remove_partials(self) -> int:
+        """Delete temporaries a killed write left; how many. Backends without any: 0."""
+        return 0
+
+    def _remove_half_created(self) -> list[str]:
+        """Delete inputs whose creation a kill interrupted; their names."""
+        return []
+
+    def _flush(self) -> None:
+        """Push buffered writes to the operating system (a no-op where writes are unbuffered)."""
+
+    def close(self) -> None:
+        """Release the backend's handles; the store is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} ({len(self.inputs)} inputs)>"
+
+    # -- reader --------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        """Root attributes (a fresh copy): format, model, calibration, dtype, chunk_tokens, capture, uuid."""
+        return self._root_attrs()
+
+    @property
+    def chunk_tokens(self) -> int:
+        return int(self.attrs["chunk_tokens"])
+
+    @property
+    def inputs(self) -> list[str]:
+        """Input names in model order (the order capture created them)."""
+        names = self._input_names()
+        return sorted(names, key=lambda nm: (self._input_attrs(nm).get("order", 0), nm))
+
+    def input(self, name: str) -> InputInfo:
+        """Committed state of one input (fresh from disk); StoreError if there is no such input."""
+        a = self._input_attrs(name)
+        root = self._root_attrs()
+        tokens, ct = int(a.get("committed_tokens", 0)), int(root["chunk_tokens"])
+        crcs = [int(c) for c in a.get("chunk_crc32", [])]
+        if len(crcs) != fmt.num_chunks(tokens, ct):
+            raise StoreError(
+                f"input {name!r}: committed_tokens={tokens} needs {fmt.num_chunks(tokens, ct)} "
+                f"chunk checksums at chunk_tokens={ct}, found {len(crcs)}; the store is inconsistent "
+                "(written by another tool?): recapture it with --overwrite"
+            )
+        return InputInfo(
+            name=name,
+            consumers=list(a.get("consumers", [])),
+            n=self._n(name),
+            tokens=tokens,
+            dtype=fmt.torch_dtype(a.get("logical_dtype", root["dtype"])),
+            chunk_tokens=ct,
+            num_chunks=len(crcs),
+            chunk_crc32=crcs,
+        )
+
+    def read_chunk(self, name: str, i: int) -> torch.Tensor:
+        """Committed chunk i of `name`: (rows x n) tensor in the logical dtype, bit-exact.
+
+        rows = chunk_tokens except for the last chunk of a finished capture.
+        DataError naming input and chunk on a checksum or decode failure.
+        """
+        return self._read_chunk(self.input(name), i)
+
+    def iter_chunks(self, name: str, start: int = 0) -> Iterator[torch.Tensor]:
+        """Lazily yield read_chunk(name, i) for committed chunks i >= start (one in memory at a time)."""
+        info = self.input(name)
+        for i in range(start, info.num_chunks):
+            yield self._read_chunk(info, i)
+
+    def _read_chunk(self, info: InputInfo, i: int) -> torch.Tensor:
+        if not 0 <= i < info.num_chunks:
+            raise UsageError(
+                f"input {info.name!r} has {info.num_chunks} committed chunks (0..{info.num_chunks - 1}), "
+                f"chunk {i} was asked for"
+            )
+        start, stop = info.chunk_rows(i)
+        where = f"input {info.name!r} chunk {i} (rows {start}:{stop}) of {self.path}"
+        try:
+            a = self._read_rows(info.name, start, stop)
+        except MemoryError:
+            raise
+        except Exception as exc:  # codec checksum / decompression / truncated file: all corruption
+            raise DataError(
+                f"{where} cannot be decoded ({type(exc).__name__}: {exc}); the data on disk is "
+                "corrupt: restore the store from a copy or recapture"
+            ) from exc
+        got = fmt.crc32(a)
+        if got != info.chunk_crc32[i]:
+            raise DataError(
+                f"{where}: crc32 {got:#010x} does not match the committed {info.chunk_crc32[i]:#010x}; "
+                "the data on disk is corrupt: restore the store from a copy or recapture"
+            )
+        return fmt.from_stored(a, str(info.dtype).removeprefix("torch."))
+
+    def fingerprint(self, name: str, upto: int | None = None) -> str:
+        """Identity of the first `upto` committed chunks of `name` (all if None): what checkpoints match.
+
+        Built from the store uuid, n, dtype, chunk_tokens and the chunks' crc32s; reading no data.
+        """
+        info = self.input(name)
+        upto = info.num_chunks if upto is None else int(upto)
+        if not 0 <= upto <= info.num_chunks:
+            raise StoreError(
+                f"input {name!r} has {info.num_chunks} committed chunks, a fingerprint of the first "
+                f"{upto} was asked for: the checkpoint was made from more data than this store holds"
+            )
+        return fmt.fingerprint(str(self._root_attrs()["uuid"]), info, upto)
+
+    def factor_path(self, name: str) -> Path:
+        return self.reduce_dir / f"{name}.safetensors"
+
+    def factor(self, name: str) -> ReducedInput | None:
+        """The reduce result (or checkpoint) of `name`, None if reduce has not written one."""
+        self._input_attrs(name)  # StoreError for an unknown name
+        path = self.factor_path(name)
+        return fmt.read_factor(path, name) if path.is_file() else None
+
+    def status(self) -> dict:
+        """JSON-able summary: identity, capture progress, per-input sizes and reduce progress."""
+        return store_status(self)
+
+    # -- writer ----------------------------------------------------------------
+    def _need_writable(self, what: str) -> None:
+        if not self.writable:
+            raise StoreError(
+                f"{what}: the store {self.path} was opened read-only; use open_store(path, mode='r+')"
+            )
+
+    def create_input(self, name: str, n: int, consumers: Sequence[str]) -> InputInfo:
+        """Add an empty (0 x n) input read by `consumers`; returns it unchanged if it exists alike.
+
+        Idempotent so that a resumed capture can call it again; StoreError if an input of
+        that name exists with another n or consumers.
+        """
+        self._need_writable("create_input")
+        consumers = [str(c) for c in consumers]
+        if not name or "/" in name or name.startswith("__") or name in (".", ".."):
+            raise UsageError(f"input name {name!r} is not usable as a store node: use the module path")
+        if name in self._input_names():
+            info = self.input(name)
+            if info.n != n or info.consumers != consumers:
+                raise StoreError(
+                    f"input {name!r} exists with n={info.n}, consumers={info.consumers}; asked for "
+                    f"n={n}, consumers={consumers}: the store was captured from another model or "
+                    "settings; capture again with --overwrite"
+                )
+            return info
+        dtype = self._root_attrs()["dtype"]
+        self._new_array(name, int(n), {
+            "consumers": consumers, "logical_dtype": dtype, "order": len(self._input_names()), "committed_tokens": 0, "chunk_crc32": [],
+        })
+        return self.input(name)
+
+    def write_chunk(self, name: str, index: int, tensor: torch.Tensor) -> int:
+        """Write chunk `index` (rows x n, logical dtype, 0 < rows <= chunk_tokens) of `name`.
+
+        Not visible to readers until `commit`. Returns the crc32 of the stored bytes, which
+        the caller passes back to `commit`. Committed chunks are immutable (StoreError).
+        """
+        self._need_writable("write_chunk")
+        info = self.input(name)
+        self._check_chunk(info, index, tensor)
+        a = fmt.to_stored(tensor)
+        start = index * info.chunk_tokens
+        with self._locks.setdefault(name, threading.Lock()):
+            if start + len(a) > self._rows(name):
+                self._resize(name, start + len(a))  # metadata first: rows beyond commit are not data
+            self._write_rows(name, start, a)
+        return fmt.crc32(a)
+
+    def _check_chunk(self, info: InputInfo, index: int, t: torch.Tensor) -> None:
+        if t.dim() != 2 or t.shape[1] != info.n or not 0 < t.shape[0] <= info.chunk_tokens:
+            raise UsageError(
+                f"chunk for input {info.name!r} must be (rows x {info.n}) with 0 < rows <= "
+                f"{info.chunk_tokens}, got shape {tuple(t.shape)}"
+            )
+        if t.dtype != info.dtype:
+            raise UsageError(f"chunk for input {info.name!r} must be {info.dtype}, got {t.dtype}")
+        if index < info.num_chunks:
+            raise StoreError(
+                f"chunk {index} of input {info.name!r} is already committed ({info.num_chunks} are) "
+                "and committed chunks never change; continue at chunk "
+                f"{info.num_chunks} (after rollback() on resume)"
+            )
+
+    def commit(self, samples_done: int, committed: Mapping[str, tuple[int, Sequence[int]]],
+               complete: bool = False) -> None:
+        """Publish written chunks: per input (committed_tokens, crc32 list of all its chunks).
+
+        Order is the crash-safety protocol: data is already on disk, then each input's
+        committed_tokens + chunk_crc32, then the root `capture` record (samples_done,
+        complete, and every input's token count). The root write is the commit point:
+        a kill before it leaves inputs ahead of the root, and `rollback` takes them back.
+        Everything is checked before anything is written.
+        """
+        self._need_writable("commit")
+        updates = {name: self._check_commit(name, int(t), crcs, complete)
+                   for name, (t, crcs) in committed.items()}
+        capture = dict(self._root_attrs().get("capture") or {})
+        if int(samples_done) < int(capture.get("samples_done", 0)):
+            raise UsageError(
+                f"samples_done may not go back: committed {capture.get('samples_done')}, got {samples_done}"
+            )
+        for name, attrs in updates.items():
+            self._set_input_attrs(name, attrs)
+        tokens = {**capture.get("tokens", {}), **{nm: a["committed_tokens"] for nm, a in updates.items()}}
+        capture.update(samples_done=int(samples_done), complete=bool(complete), tokens=tokens)
+        self._update_root_attrs({"capture": capture})
+        self._flush()
+
+    def _check_commit(self, name: str, tokens: int, crcs: Sequence[int], complete: bool) -> dict:
+        info = self.input(name)
+        crcs = [int(c) & 0xFFFFFFFF for c in crcs]
+        ct = info.chunk_tokens
+        if len(crcs) != fmt.num_chunks(tokens, ct) or (tokens % ct and not complete):
+            raise UsageError(
+                f"commit of input {name!r}: {tokens} tokens need {fmt.num_chunks(tokens, ct)} crc32s "
+                f"(got {len(crcs)}) and whole chunks of {ct} rows unless the capture is complete"
+            )
+        if tokens < info.tokens or crcs[: info.num_chunks] != info.chunk_crc32:
+            raise StoreError(
+                f"commit of input {name!r} would change its {info.num_chunks} committed chunks; "
+                "committed data never changes: resume after the last committed chunk"
+            )
+        if tokens > self._rows(name):
+            raise StoreError(
+                f"commit of input {name!r}: {tokens} tokens committed but only {self._rows(name)} rows "
+                "written; write the chunks before committing them"
+            )
+        return {"committed_tokens": tokens, "chunk_crc32": crcs}
+
+    def rollback(self) -> dict:
+        """Undo what a killed capture left uncommitted; run on resume before writing.
+
+        Takes every input back to the root commit record (an input whose attributes a
+        killed `commit` already advanced), shrinks every array to its committed rows and
+        deletes leftover `*.partial` temporaries. Idempotent, and safe to kill and rerun.
+        Returns {"rows_dropped": {name: rows}, "partial_files_removed": k}.
+        """
+        self._need_writable("rollback")
+        removed = self._remove_partials()
+        self._remove_half_created()
+        root_tokens = (self._root_attrs().get("capture") or {}).get("tokens", {})
+        dropped = {}
+        for name in self._input_names():
+            committed = self._rewind_commit(name, int(root_tokens.get(name, 0)))
+            rows = self._rows(name)
+            if rows < committed:
+                raise StoreError(
+                    f"input {name!r} has {committed} committed tokens but only {rows} rows: the store "
+                    "was modified outside coala-stream; recapture with --overwrite"
+                )
+            if rows > committed:
+                self._drop_rows(name, committed, rows)
+                dropped[name] = rows - committed
+        self._flush()
+        return {"rows_dropped": dropped, "partial_files_removed": removed}
+
+    def _rewind_commit(self, name: str, root_tokens: int) -> int:
+        """Set the input's commit back to the root record's count if a killed commit advanced it."""
+        info = self.input(name)
+        if info.tokens < root_tokens:
+            raise StoreError(
+                f"input {name!r} has {info.tokens} committed tokens, the root record says {root_tokens}: "
+                "the store was modified outside coala-stream; recapture with --overwrite"
+            )
+        if info.tokens > root_tokens:
+            k = fmt.num_chunks(root_tokens, info.chunk_tokens)
+            self._set_input_attrs(name, {"committed_tokens": root_tokens, "chunk_crc32": info.chunk_crc32[:k]})
+        return root_tokens
+
+    def _drop_rows(self, name: str, committed: int, rows: int) -> None:
+        self._resize(name, committed)

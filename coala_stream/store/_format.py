@@ -1,0 +1,179 @@
+"""What the bytes mean: logical dtypes, their stored representation, checksums, records.
+
+Nothing here knows about Zarr or HDF5. Both backends store the same things:
+bfloat16/float16 as their raw 16-bit patterns in uint16 (neither format has
+bfloat16), float32 as float32, always little-endian, so the reader hands back
+the exact tensor capture saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, UsageError
+
+FORMAT = "coala-stream/activations"
+FORMAT_VERSION = 1
+
+# logical dtype name -> (torch dtype, numpy dtype stored on disk)
+LOGICAL_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "bfloat16": (torch.bfloat16, np.dtype("<u2")),
+    "float16": (torch.float16, np.dtype("<u2")),
+    "float32": (torch.float32, np.dtype("<f4")),
+}
+
+
+def check_dtype_name(name: str) -> str:
+    """`name` if it is a logical dtype the store can hold, else UsageError."""
+    if name not in LOGICAL_DTYPES:
+        raise UsageError(
+            f"store dtype must be one of {sorted(LOGICAL_DTYPES)}, got {name!r}; "
+            "pass --dtype bfloat16, float16 or float32"
+        )
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return LOGICAL_DTYPES[check_dtype_name(name)][0]
+
+
+def stored_dtype(name: str) -> np.dtype:
+    return LOGICAL_DTYPES[check_dtype_name(name)][1]
+
+
+def to_stored(t: torch.Tensor) -> np.ndarray:
+    """(rows x n) tensor -> C-contiguous little-endian array of its stored representation.
+
+    A view where possible (no copy for a contiguous CPU tensor): 16-bit floats are
+    reinterpreted as uint16, never converted, so every bit survives.
+    """
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)  # same bits; numpy has no bfloat16, and int16 converts everywhere
+        return t.numpy().view(np.dtype("<u2"))
+    return np.ascontiguousarray(t.numpy(), dtype=np.dtype("<f4"))
+
+
+def from_stored(a: np.ndarray, dtype_name: str) -> torch.Tensor:
+    """Inverse of `to_stored`: stored array -> tensor in the logical dtype (same bits)."""
+    a = np.ascontiguousarray(a, dtype=stored_dtype(dtype_name))
+    if dtype_name == "float32":
+        return torch.from_numpy(a)
+    return torch.from_numpy(a.view(np.int16)).view(torch_dtype(dtype_name))
+
+
+def crc32(a: np.ndarray) -> int:
+    """zlib crc32 of the raw little-endian bytes of a stored chunk (what `chunk_crc32` holds)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+
+
+def num_chunks(tokens: int, chunk_tokens: int) -> int:
+    return math.ceil(tokens / chunk_tokens)
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One stored input as the reader sees it (committed data only).
+
+    Chunk i holds rows [i * chunk_tokens, min((i + 1) * chunk_tokens, tokens)).
+    """
+
+    name: str
+    consumers: list[str]
+    n: int
+    tokens: int
+    dtype: torch.dtype
+    chunk_tokens: int
+    num_chunks: int
+    chunk_crc32: list[int] = field(repr=False)
+
+    def chunk_rows(self, i: int) -> tuple[int, int]:
+        """Row range [start, stop) of committed chunk i."""
+        return i * self.chunk_tokens, min((i + 1) * self.chunk_tokens, self.tokens)
+
+
+def fingerprint(uuid: str, info: InputInfo, upto: int) -> str:
+    """sha256 over the store's identity and the crc32s of chunks [0, upto) of one input.
+
+    Equal fingerprints mean the same bytes were (or would be) folded, in the same
+    chunking; any changed, added or reordered chunk changes it.
+    """
+    ident = {
+        "uuid": uuid,
+        "name": info.name,
+        "n": info.n,
+        "dtype": str(info.dtype).removeprefix("torch."),
+        "chunk_tokens": info.chunk_tokens,
+        "chunks": upto,
+        "tokens": min(upto * info.chunk_tokens, info.tokens),
+        "crc32": info.chunk_crc32[:upto],
+    }
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class ReducedInput:
+    """What `reduce` folded one input into (`reduce/<name>.safetensors`).
+
+    R: (k x n) float32/float64 upper-trapezoidal, R^T R = X^T X over the folded rows.
+    abs_sum: (n,) float64, sum of |x| per column. gram: (n x n) float32 or None.
+    tokens: rows folded so far; complete: all committed chunks folded.
+    meta: the whole `coala` JSON metadata (fingerprint, next_chunk, settings, ...).
+    """
+
+    name: str
+    R: torch.Tensor
+    abs_sum: torch.Tensor | None
+    gram: torch.Tensor | None
+    tokens: int
+    complete: bool
+    meta: dict
+
+
+def factor_meta(path: Path) -> dict:
+    """The `coala` JSON metadata of a reduce file, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("coala")
+        return json.loads(raw) if raw else {}
+    except Exception as exc:  # safetensors raises its own error types; all mean "unreadable"
+        raise DataError(
+            f"reduce file {path} is unreadable ({exc}); delete it and rerun "
+            "`coala-stream reduce` to recompute that input"
+        ) from exc
+
+
+def read_factor(path: Path, name: str) -> ReducedInput:
+    """Load a reduce file (tensors on CPU) into a ReducedInput."""
+    from safetensors.torch import load_file
+
+    meta = factor_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise DataError(f"reduce file {path} is unreadable ({exc}); delete it and rerun reduce") from exc
+    if "R" not in tensors:
+        raise DataError(
+            f"reduce file {path} has no tensor 'R' (found {sorted(tensors)}); "
+            "it was not written by coala-stream reduce: delete it and rerun reduce"
+        )
+    return ReducedInput(
+        name=name,
+        R=tensors["R"],
+        abs_sum=tensors.get("abs_sum"),
+        gram=tensors.get("gram"),
+        tokens=int(meta.get("tokens", 0)),
+        complete=bool(meta.get("complete", False)),
+        meta=meta,
+    )

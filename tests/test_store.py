@@ -1,0 +1,457 @@
+"""The activation store: lossless round trips, the commit protocol, corruption, status.
+
+Every test runs on both backends where the behaviour is shared; data are random
+bit patterns (NaN payloads, infinities, -0, subnormals included), so "equal"
+means equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+import zarr
+from safetensors.torch import save_file
+
+from coala_stream.cli import main
+from coala_stream.errors import DataError, StoreError, UsageError
+from coala_stream.store import FORMAT_VERSION, ReducedInput, create_store, open_store
+
+BACKENDS = ["zarr", "hdf5"]
+DTYPES = ["bfloat16", "float16", "float32"]
+Q = "model.layers.0.self_attn.q_proj"  # dots in names, as real module paths have
+CONSUMERS = [Q, "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+CT, N = 8, 16
+
+
+def store_path(tmp_path: Path, backend: str, name: str = "s") -> Path:
+    return tmp_path / (f"{name}.zarr" if backend == "zarr" else f"{name}.h5")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a tensor, for exact comparison (NaN == NaN here)."""
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def random_bits(rows: int, n: int, dtype: str, seed: int = 0) -> torch.Tensor:
+    """Every bit pattern is possible: NaNs with payloads, infs, -0, subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == "float32":
+        return torch.randint(-(2**31), 2**31 - 1, (rows, n), dtype=torch.int32, generator=g).view(torch.float32)
+    return torch.randint(-(2**15), 2**15 - 1, (rows, n), dtype=torch.int16, generator=g).view(getattr(torch, dtype))
+
+
+def new_store(path: Path, backend: str, dtype: str = "bfloat16", **kw):
+    attrs = {
+        "dtype": dtype,
+        "chunk_tokens": CT,
+        "model": {"path": "tiny", "name_or_path": "tiny-llama"},
+        "calibration": {"source": "builtin", "samples": 4, "seq_len": 10, "seed": 0},
+    }
+    return create_store(path, backend, attrs, **kw)
+
+
+def fill(store, x: torch.Tensor, chunks: int | None = None, complete: bool = False, name: str = Q) -> list[int]:
+    """Write x (tokens x n) as chunks of CT rows, after those already committed (as a resumed
+    capture does), and commit the first `chunks` of them; returns all chunks' crc32s."""
+    info = store.create_input(name, x.shape[1], CONSUMERS if name == Q else [name])
+    crcs = info.chunk_crc32 + [
+        store.write_chunk(name, i, x[i * CT : (i + 1) * CT]) for i in range(info.num_chunks, -(-len(x) // CT))
+    ]
+    k = len(crcs) if chunks is None else chunks
+    store.commit(k, {name: (min(k * CT, len(x)), crcs[:k])}, complete=complete)
+    return crcs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_is_bit_exact(tmp_path, backend, dtype):
+    x = random_bits(2 * CT + 3, N, dtype)  # the last chunk of a finished capture is short
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend, dtype) as s:
+        fill(s, x, complete=True)
+    with open_store(path) as r:
+        info = r.input(Q)
+        assert (info.n, info.tokens, info.num_chunks, info.dtype) == (N, 2 * CT + 3, 3, getattr(torch, dtype))
+        assert info.consumers == CONSUMERS
+        chunks = list(r.iter_chunks(Q))
+        assert [len(c) for c in chunks] == [CT, CT, 3]
+        assert all(c.dtype == getattr(torch, dtype) for c in chunks)
+        assert torch.equal(bits(torch.cat(chunks)), bits(x))
+        assert torch.equal(bits(r.read_chunk(Q, 2)), bits(x[2 * CT :]))
+        assert r.attrs["capture"] == {"samples_done": 3, "complete": True, "tokens": {Q: 2 * CT + 3}}
+
+
+def test_zarr_and_hdf5_read_back_identically(tmp_path):
+    x, y = random_bits(3 * CT, N, "bfloat16", 1), random_bits(3 * CT, 2 * N, "bfloat16", 2)
+    readers = []
+    for backend in BACKENDS:
+        s = new_store(store_path(tmp_path, backend), backend)
+        fill(s, x)
+        fill(s, y, name="model.layers.0.mlp.down_proj")
+        s.close()
+        readers.append(open_store(store_path(tmp_path, backend)))
+    z, h = readers
+    assert (z.backend, h.backend) == ("zarr", "hdf5")
+    assert z.inputs == h.inputs == [Q, "model.layers.0.mlp.down_proj"]  # creation order, not alphabetical
+    for name in z.inputs:
+        assert z.input(name) == h.input(name)  # includes the crc32 list: same stored bytes
+        for a, b in zip(z.iter_chunks(name), h.iter_chunks(name), strict=True):
+            assert torch.equal(bits(a), bits(b))
+    drop = {"uuid", "path", "backend", "reduce_dir"}
+    sz, sh = z.status(), h.status()
+    assert {k: v for k, v in sz.items() if k not in drop | {"inputs", "totals"}} == {
+        k: v for k, v in sh.items() if k not in drop | {"inputs", "totals"}
+    }
+    for a, b in zip(sz["inputs"], sh["inputs"]):
+        assert {**a, "stored_bytes": 0} == {**b, "stored_bytes": 0}
+    for r in readers:
+        r.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_readers_trust_committed_tokens_not_the_shape(tmp_path, backend):
+    x = random_bits(4 * CT, N, "float16")
+    path = store_path(tmp_path, backend)
+    s = new_store(path, backend, "float16")
+    crcs = fill(s, x[: 2 * CT])
+    # a kill after writing chunk 2 (array grown, data written) but before its commit:
+    crcs.append(s.write_chunk(Q, 2, x[2 * CT : 3 * CT]))
+    assert s._rows(Q) == 3 * CT
+    s.close()
+    with open_store(path) as r:
+        assert r.input(Q).tokens == 2 * CT and r.input(Q).num_chunks == 2
+        assert len(list(r.iter_chunks(Q))) == 2
+        with pytest.raises(UsageError, match="chunk 2"):
+            r.read_chunk(Q, 2)
+    with open_store(path, "r+") as s:
+        assert s.rollback()["rows_dropped"] == {Q: CT}
+        assert s._rows(Q) == 2 * CT
+        assert s.rollback()["rows_dropped"] == {}  # idempotent
+        fill(s, x)  # resume: create_input again is a no-op, chunks 2 and 3 written anew
+    with open_store(path) as r:
+        assert torch.equal(bits(torch.cat(list(r.iter_chunks(Q)))), bits(x))
+
+
+def test_zarr_resumed_store_is_byte_identical(tmp_path):
+    """Rolled-back rows leave no trace in the shard files (uuid aside, only root zarr.json differs)."""
+    x = random_bits(6 * CT, N, "bfloat16")
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    with new_store(a, "zarr") as s:
+        fill(s, x)
+    with new_store(b, "zarr") as s:
+        fill(s, x[: 2 * CT])
+        s.write_chunk(Q, 2, x[2 * CT : 3 * CT] + 1)  # uncommitted, inside the same shard
+        s.write_chunk(Q, 4, x[4 * CT : 5 * CT])  # uncommitted, in the next shard
+    with open_store(b, "r+") as s:
+        s.rollback()
+        fill(s, x)
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in (root / "inputs").rglob("*") if p.is_file()}
+    assert files(a) == files(b)
+
+
+def test_rollback_removes_partial_files(tmp_path):
+    path = tmp_path / "s.zarr"
+    with new_store(path, "zarr") as s:
+        fill(s, random_bits(2 * CT, N, "bfloat16"))
+    leftovers = [path / "zarr.json.1f2e.partial", path / "inputs" / Q / "c" / "0" / "0.ab12.partial"]
+    (path / "reduce").mkdir()
+    theirs = path / "reduce" / f"{Q}.safetensors.tmp.partial"  # reduce's own business
+    for p in leftovers + [theirs]:
+        p.write_bytes(b"torn")
+    with open_store(path, "r+") as s:
+        assert s.rollback()["partial_files_removed"] == 2
+        assert s.inputs == [Q]
+    assert not any(p.exists() for p in leftovers) and theirs.exists()
+
+
+def test_hdf5_rollback_drops_half_created_inputs(tmp_path):
+    path = tmp_path / "s.h5"
+    with new_store(path, "hdf5") as s:
+        fill(s, random_bits(CT, N, "bfloat16"))
+        # a kill between creating a dataset and writing its attributes
+        s._f["inputs"].create_dataset("model.layers.0.mlp.up_proj", shape=(0, N), maxshape=(None, N), dtype="u2")
+    with open_store(path, "r+") as s:
+        s.rollback()
+        assert s.inputs == [Q]
+        s.create_input("model.layers.0.mlp.up_proj", N, ["model.layers.0.mlp.up_proj"])
+
+
+def _shard_file(path: Path, chunk: int) -> Path:
+    return path / "inputs" / Q / "c" / str(chunk) / "0"
+
+
+def _corrupt_zarr(path: Path, how: str) -> None:
+    f = _shard_file(path, 1)  # shard_chunks=1: the shard of chunk 1 holds only chunk 1
+    data = bytearray(f.read_bytes())
+    if how == "flip":
+        data[len(data) // 3] ^= 0x10
+        f.write_bytes(bytes(data))
+    elif how == "truncate":
+        f.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        f.unlink()
+
+
+def _corrupt_hdf5(path: Path, how: str) -> None:
+    with h5py.File(path, "r") as f:
+        info = f["inputs"][Q].id.get_chunk_info(1)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 3)
+        b = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize(
+    "backend,how",
+    [("zarr", "flip"), ("zarr", "truncate"), ("zarr", "missing"), ("hdf5", "flip")],
+)
+def test_corrupt_chunk_is_a_data_error_naming_input_and_chunk(tmp_path, backend, how):
+    x = random_bits(3 * CT, N, "bfloat16")
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend, shard_chunks=1) as s:
+        fill(s, x)
+    (_corrupt_zarr if backend == "zarr" else _corrupt_hdf5)(path, how)
+    with open_store(path) as r:
+        assert torch.equal(bits(r.read_chunk(Q, 0)), bits(x[:CT]))  # neighbours unharmed
+        with pytest.raises(DataError, match=rf"input '{Q}' chunk 1 "):
+            r.read_chunk(Q, 1)
+        with pytest.raises(DataError, match="chunk 1"):
+            list(r.iter_chunks(Q))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crc_mismatch_is_a_data_error(tmp_path, backend):
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend) as s:
+        crcs = fill(s, random_bits(2 * CT, N, "bfloat16"))
+        s._set_input_attrs(Q, {"chunk_crc32": [crcs[0], crcs[1] ^ 1]})
+    with open_store(path) as r:
+        with pytest.raises(DataError, match=rf"input '{Q}' chunk 1 .*crc32"):
+            r.read_chunk(Q, 1)
+
+
+def test_flipped_bit_in_default_shards_is_caught(tmp_path):
+    """Default sharding (4 chunks a shard): a flip anywhere in the shard fails some read."""
+    path = tmp_path / "s.zarr"
+    with new_store(path, "zarr") as s:
+        fill(s, random_bits(4 * CT, N, "bfloat16"))
+    data = bytearray(_shard_file(path, 0).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    _shard_file(path, 0).write_bytes(bytes(data))
+    with open_store(path) as r, pytest.raises(DataError, match=f"input '{Q}' chunk"):
+        list(r.iter_chunks(Q))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fingerprint(tmp_path, backend):
+    x = random_bits(3 * CT, N, "bfloat16")
+    a, b = new_store(store_path(tmp_path, backend, "a"), backend), new_store(store_path(tmp_path, backend, "b"), backend)
+    b._update_root_attrs({"uuid": a.attrs["uuid"]})  # same identity, so only content can differ
+    fill(a, x[: 2 * CT])
+    fill(b, x[: 2 * CT])
+    assert a.fingerprint(Q) == b.fingerprint(Q) == a.fingerprint(Q, 2)
+    assert a.fingerprint(Q, 1) != a.fingerprint(Q, 2)
+    before = a.fingerprint(Q, 2)
+    fill(a, x)  # more data committed: the prefix fingerprint is stable
+    assert a.fingerprint(Q, 2) == before and a.fingerprint(Q) != before
+    y = x.clone()
+    y[2 * CT, 0] = -y[2 * CT, 0] if not torch.isnan(y[2 * CT, 0]) else 1.0  # one value of chunk 2
+    fill(b, y)
+    assert b.fingerprint(Q, 2) == before and b.fingerprint(Q) != a.fingerprint(Q)
+    with pytest.raises(StoreError, match="3 committed chunks"):
+        a.fingerprint(Q, 4)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_create_refuses_an_existing_store(tmp_path, backend):
+    path = store_path(tmp_path, backend)
+    uuid = new_store(path, backend).attrs["uuid"]
+    with pytest.raises(StoreError, match="already exists.*overwrite"):
+        new_store(path, backend)
+    with new_store(path, backend, overwrite=True) as s:
+        assert s.attrs["uuid"] != uuid and s.inputs == []
+
+
+def test_overwrite_never_deletes_what_is_not_a_store(tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("...")
+    with pytest.raises(StoreError, match="refusing to delete"):
+        new_store(precious, "zarr", overwrite=True)
+    assert (precious / "thesis.tex").exists()
+
+
+def test_open_rejects_what_is_not_a_store(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    zarr.open_group(tmp_path / "foreign.zarr", mode="w").attrs["x"] = 1
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f.attrs["format"], f.attrs["note"] = 3, "not JSON {"
+    cases = {
+        tmp_path / "missing.zarr": "does not exist",
+        tmp_path / "notes.txt": "not an activation store",
+        tmp_path / "empty": "not an activation store",
+        tmp_path / "foreign.zarr": "not a coala-stream activation store",
+        tmp_path / "foreign.h5": "not a coala-stream activation store",
+    }
+    for path, message in cases.items():
+        with pytest.raises(StoreError, match=message):
+            open_store(path)
+    newer = tmp_path / "newer.zarr"
+    new_store(newer, "zarr")._update_root_attrs({"format_version": FORMAT_VERSION + 1})
+    with pytest.raises(StoreError, match="upgrade coala-stream"):
+        open_store(newer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writer_refuses_bad_writes(tmp_path, backend):
+    s = new_store(store_path(tmp_path, backend), backend)
+    crcs = fill(s, random_bits(2 * CT, N, "bfloat16"))
+    good = random_bits(CT, N, "bfloat16")
+    with pytest.raises(UsageError, match="must be torch.bfloat16"):
+        s.write_chunk(Q, 2, good.float())
+    with pytest.raises(UsageError, match=r"\(rows x 16\)"):
+        s.write_chunk(Q, 2, random_bits(CT + 1, N, "bfloat16"))
+    with pytest.raises(StoreError, match="already committed"):
+        s.write_chunk(Q, 1, good)
+    crcs.append(s.write_chunk(Q, 2, good[:5]))
+    with pytest.raises(UsageError, match="whole chunks"):
+        s.commit(3, {Q: (2 * CT + 5, crcs)})  # a short chunk only ends a complete capture
+    with pytest.raises(UsageError, match="need 3 crc32s"):
+        s.commit(3, {Q: (3 * CT, crcs[:2])})
+    with pytest.raises(StoreError, match="would change"):
+        s.commit(3, {Q: (3 * CT, [crcs[0] ^ 1, *crcs[1:]])})
+    with pytest.raises(StoreError, match="consumers"):
+        s.create_input(Q, N, [Q])
+    s.close()
+    with open_store(store_path(tmp_path, backend)) as r, pytest.raises(StoreError, match="read-only"):
+        r.write_chunk(Q, 2, good)
+
+
+def test_zarr_reader_follows_a_running_capture(tmp_path):
+    path = tmp_path / "s.zarr"
+    x = random_bits(3 * CT, N, "bfloat16")
+    w = new_store(path, "zarr")
+    crcs = fill(w, x[:CT])
+    r = open_store(path)
+    assert r.input(Q).tokens == CT
+    crcs += [w.write_chunk(Q, 1, x[CT : 2 * CT])]
+    w.commit(2, {Q: (2 * CT, crcs)})
+    assert r.input(Q).tokens == 2 * CT and r.attrs["capture"]["samples_done"] == 2
+    assert torch.equal(bits(r.read_chunk(Q, 1)), bits(x[CT : 2 * CT]))
+
+
+def _write_factor(store, name: str, **meta) -> dict:
+    store.reduce_dir.mkdir(exist_ok=True)
+    tensors = {"R": torch.eye(N, dtype=torch.float64), "abs_sum": torch.ones(N, dtype=torch.float64)}
+    save_file(tensors, str(store.factor_path(name)), metadata={"coala": json.dumps(meta)})
+    return tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factor_and_status(tmp_path, backend):
+    path = store_path(tmp_path, backend)
+    down = "model.layers.0.mlp.down_proj"
+    with new_store(path, backend) as s:
+        fill(s, random_bits(4 * CT, N, "bfloat16"))
+        s.create_input(down, 2 * N, [down])
+        y = random_bits(2 * CT, 2 * N, "bfloat16")
+        s.commit(4, {down: (2 * CT, [s.write_chunk(down, i, y[i * CT : (i + 1) * CT]) for i in range(2)])})
+    r = open_store(path)
+    assert r.factor(Q) is None
+    st = r.status()
+    assert st["inputs"][0]["reduce"]["state"] == "not started"
+    _write_factor(r, Q, fingerprint=r.fingerprint(Q, 2), next_chunk=2, tokens=2 * CT, complete=False)
+    tensors = _write_factor(r, down, fingerprint="sha256:other", next_chunk=2, tokens=2 * CT, complete=True)
+    f = r.factor(down)
+    assert isinstance(f, ReducedInput) and f.name == down and f.gram is None
+    assert torch.equal(f.R, tensors["R"]) and f.tokens == 2 * CT and f.complete and f.meta["next_chunk"] == 2
+    assert r.inputs == [Q, down]  # the reduce directory is not mistaken for an input
+
+    st = r.status()
+    json.dumps(st)  # JSON-able
+    assert (st["backend"], st["dtype"], st["chunk_tokens"]) == (backend, "bfloat16", CT)
+    assert st["capture"] == {"samples_done": 4, "samples": 4, "complete": False}
+    assert st["model"]["name_or_path"] == "tiny-llama"
+    q, d = st["inputs"]
+    assert (q["name"], q["consumers"], q["n"], q["tokens"], q["chunks"]) == (Q, CONSUMERS, N, 4 * CT, 4)
+    assert q["raw_bytes"] == 4 * CT * N * 2 and q["stored_bytes"] > 0
+    assert q["reduce"] == {"state": "in progress", "next_chunk": 2, "chunks": 4, "tokens": 2 * CT,
+                           "matches_store": True}
+    assert d["reduce"]["state"] == "complete" and d["reduce"]["matches_store"] is False
+    assert st["totals"]["reduce"] == {"in progress": 1, "complete": 1}
+    r.close()
+
+
+def test_cli_status(tmp_path, capsys):
+    path = tmp_path / "s.zarr"
+    with new_store(path, "zarr") as s:
+        fill(s, random_bits(2 * CT, N, "bfloat16"))
+    assert main(["status", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"][0]["tokens"] == 2 * CT and out["capture"]["samples_done"] == 2
+    assert main(["status", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert Q in text and "q_proj,k_proj,v_proj" in text and "in progress: 2 of 4 samples" in text
+    assert main(["status", str(tmp_path / "missing.zarr")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "error: no store at" in err[0] and "missing.zarr" in err[0]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from coala_stream.store import open_store
+    s = open_store(sys.argv[1], "r+")
+    s.rollback()
+    name, n, ct = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    s.create_input(name, n, [name])
+    info = s.input(name)
+    crcs = list(info.chunk_crc32)
+    for i in range(info.num_chunks, 10**6):
+        g = torch.Generator().manual_seed(i)  # chunk i's content depends on i only
+        x = torch.randint(-2**15, 2**15 - 1, (ct, n), dtype=torch.int16, generator=g).view(torch.bfloat16)
+        crcs.append(s.write_chunk(name, i, x))
+        s.commit(i + 1, {name: ((i + 1) * ct, crcs)})
+        print(i, flush=True)
+    """
+)
+
+
+@pytest.mark.slow  # a subprocess per kill (torch import, several seconds each)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_then_resume(tmp_path, backend):
+    """kill -9 a writer at arbitrary moments: the store stays readable and resumes exactly.
+
+    The writer commits after every chunk, so most kills land inside write or commit;
+    this test found that zarr's attrs.update() writes one key at a time.
+    """
+    path, n, ct = store_path(tmp_path, backend), 256, 64
+    create_store(path, backend, {"dtype": "bfloat16", "chunk_tokens": ct}, shard_chunks=2).close()
+    for delay in (0.3, 0.9):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(path), Q, str(n), str(ct)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout.readline()  # at least one commit happened in this run
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        with open_store(path, "r+") as s:
+            s.rollback()
+            for i, chunk in enumerate(s.iter_chunks(Q)):  # every committed chunk checks out
+                g = torch.Generator().manual_seed(i)
+                want = torch.randint(-(2**15), 2**15 - 1, (ct, n), dtype=torch.int16, generator=g)
+                assert torch.equal(bits(chunk), want)
+            assert s._rows(Q) == s.input(Q).tokens
+            assert s.attrs["capture"]["samples_done"] == s.input(Q).num_chunks
