@@ -1,8 +1,71 @@
 """`coala-stream eval`: perplexity of a model or a solve output on non-overlapping windows of a text."""
 
-from ._common import add_parser, not_implemented
+from __future__ import annotations
+
+import json
+import sys
+
+from ._common import add_parser
+
+DESCRIPTION = """\
+Perplexity of a model or a solve output on non-overlapping windows of a text.
+
+The protocol of GPTQ / SVD-LLM: the whole text (line endings normalised to \\n)
+is tokenized once, cut into non-overlapping windows of --seq-len tokens, each
+window is run on its own, and ppl = exp(mean NLL over every predicted token).
+MODEL may be a Hugging Face directory, a .gguf file, a solve output
+(factorized, dense or peft; detected from the directory), or omitted for the
+embedded SmolLM2-135M-Instruct. Prints one line (stderr with --json).
+"""
+
+EPILOG = """\
+examples:
+  coala-stream eval                                   # embedded SmolLM2 on the builtin text
+  coala-stream eval smol-80 --data ../shared/data/wikitext-2-raw/wiki.test.raw --max-windows 40
+  coala-stream eval smol-lora --seq-len 1024 --device cuda --json
+"""
+
+
+def _help(name: str) -> str:
+    from ..evaluate import config_help
+
+    return config_help(name)
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "eval", "perplexity of a model or a solve output on non-overlapping windows of a text", "Perplexity of a model or a solve output on non-overlapping windows of a text.\n\nNot implemented yet (issue 7).")
-    p.set_defaults(func=not_implemented("eval", "issue 7"))
+    p = add_parser(subparsers, "eval",
+                   "perplexity of a model or a solve output on non-overlapping windows of a text",
+                   DESCRIPTION, EPILOG)
+    p.add_argument("model", nargs="?", metavar="MODEL_OR_DIR", help=_help("model"))
+    p.add_argument("--gguf-file", metavar="NAME", help=_help("gguf_file"))
+    p.add_argument("--data", default="builtin", metavar="builtin|PATH", help=_help("data"))
+    p.add_argument("--seq-len", type=int, default=512, metavar="N", help=_help("seq_len"))
+    p.add_argument("--max-windows", type=int, metavar="N", help=_help("max_windows"))
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help=_help("batch_size"))
+    p.add_argument("--device", default="cpu", help=_help("device"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help=_help("dtype"))
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (the line goes to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evaluate import EvalConfig, evaluate
+
+    config = EvalConfig(model=args.model, gguf_file=args.gguf_file, data=args.data,
+                        seq_len=args.seq_len, max_windows=args.max_windows,
+                        batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    result = evaluate(config, progress=not args.quiet)
+    if args.json:
+        print(result.line(), file=sys.stderr)
+        print(json.dumps(result.to_dict()))
+    else:
+        print(result.line())
+    sys.stdout.flush()
+    return 0

@@ -1,8 +1,89 @@
 """`coala-stream solve`: compute low-rank factors per layer and write a compressed model or LoRA adapters."""
 
-from ._common import add_parser, not_implemented
+from __future__ import annotations
+
+import json
+import sys
+
+from ._common import add_parser
+
+DESCRIPTION = """\
+Compute low-rank factors per layer and write a compressed model or LoRA adapters.
+
+For every linear layer the store has an input for (the decoder blocks' linears;
+--layers narrows it), W is read from the source model and R from the store's
+reduce results; COALA takes the SVD of W R^T (no Gram matrix, no inverse).
+The baselines (svd, svdllm, asvd) run through the same pipeline on the same
+store. The output is written beside OUT under a temporary name and renamed
+when complete; a per-layer report goes to stdout and OUT/solve_report.json.
+
+Formats: factorized (two small linears per layer; smaller files; load with
+coala_stream.load_model), dense (W' = A B in an ordinary Hugging Face
+checkpoint), peft (OUT/base: residual W - A B; OUT/adapter: a LoRA adapter
+holding A, B, which together reproduce the original model before training).
+"""
+
+EPILOG = """\
+examples:
+  coala-stream solve calib.zarr --ratio 0.2 --out smol-80
+  coala-stream solve calib.zarr --ratio 0.4 --allocate global --mu 0.01 --out smol-60
+  coala-stream solve calib.zarr --ratio 0.2 --method svdllm --format dense --out smol-svdllm
+  coala-stream solve calib.zarr --rank 16 --format peft --out smol-lora
+  coala-stream solve calib.zarr --ratio 0.3 --layers 'mlp\\.' --out smol-mlp
+"""
+
+
+def _help(name: str) -> str:
+    from ..solve import config_help
+
+    return config_help(name)
 
 
 def register(subparsers) -> None:
-    p = add_parser(subparsers, "solve", "compute low-rank factors per layer and write a compressed model or LoRA adapters", "Compute low-rank factors per layer and write a compressed model or LoRA adapters.\n\nNot implemented yet (issue 6).")
-    p.set_defaults(func=not_implemented("solve", "issue 6"))
+    p = add_parser(subparsers, "solve",
+                   "compute low-rank factors per layer and write a compressed model or LoRA adapters",
+                   DESCRIPTION, EPILOG)
+    p.add_argument("store", metavar="STORE", help="a reduced activation store (Zarr directory or HDF5 file)")
+    p.add_argument("--out", required=True, metavar="DIR", help=_help("out"))
+    p.add_argument("--model", metavar="MODEL", help=_help("model"))
+    p.add_argument("--gguf-file", metavar="NAME", help=_help("gguf_file"))
+    p.add_argument("--method", default="coala", choices=("coala", "svd", "svdllm", "asvd"),
+                   help=_help("method"))
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--ratio", type=float, metavar="F", help=_help("ratio"))
+    size.add_argument("--rank", type=int, metavar="N", help=_help("rank"))
+    p.add_argument("--allocate", default="uniform", choices=("uniform", "global"), help=_help("allocate"))
+    p.add_argument("--mu", type=float, default=0.0, metavar="F", help=_help("mu"))
+    p.add_argument("--adaptive-mu", action="store_true", help=_help("adaptive_mu"))
+    p.add_argument("--layers", metavar="REGEX", help=_help("layers"))
+    p.add_argument("--format", default="factorized", choices=("factorized", "dense", "peft"),
+                   help=_help("format"))
+    p.add_argument("--asvd-alpha", type=float, default=0.5, metavar="A", help=_help("asvd_alpha"))
+    p.add_argument("--device", default="cpu", help=_help("device"))
+    p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
+    p.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..solve import SolveConfig, format_table, run_solve
+
+    config = SolveConfig(
+        out=args.out, model=args.model, gguf_file=args.gguf_file, method=args.method,
+        ratio=args.ratio, rank=args.rank, allocate=args.allocate, mu=args.mu,
+        adaptive_mu=args.adaptive_mu, layers=args.layers, format=args.format,
+        asvd_alpha=args.asvd_alpha, device=args.device, overwrite=args.overwrite)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    report = run_solve(args.store, config, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_table(report))
+        print(f"wrote {report['out']} ({config.format}, {config.method}) in {report['seconds']:.1f} s")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,194 @@
+"""Perplexity by the protocol compression papers use (GPTQ, SVD-LLM).
+
+The text is taken as one string, tokenized once (no special tokens), cut into
+non-overlapping windows of ``seq_len`` tokens (a trailing partial window is
+dropped), each window run on its own (no context carried over), and the
+perplexity is ``exp`` of the mean negative log-likelihood over all predicted
+tokens (``seq_len - 1`` per window). GPTQ / SVD-LLM weight each window by
+``seq_len`` instead of ``seq_len - 1``; with equal-length windows both give the
+same mean.
+
+Text: for a file, its contents with line endings normalised to ``\\n`` (CRLF ->
+LF, as Python's text mode reads it), *not* GPTQ's ``"\\n\\n".join`` of the
+dataset's rows: the shared ``wiki.test.raw`` holds only the non-empty rows, so
+that join could not be reproduced exactly anyway; the difference is whitespace
+only. ``builtin`` is CPython's pydoc topics text (`calib.builtin_text`).
+
+Models: a Hugging Face directory, a GGUF file, the embedded default (no
+MODEL), or a ``solve`` output (factorized, dense or peft, detected from the
+directory by `export.detect_format`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import calib, export, models
+from .errors import CoalaError, UsageError
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation; each field's help is also its CLI help."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "a Hugging Face model directory, a .gguf file, or a solve output (factorized, "
+                "dense or peft, detected); default: the embedded SmolLM2-135M-Instruct"})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "name of the GGUF file inside MODEL (when MODEL is a directory holding one)"})
+    data: str = field(default=calib.BUILTIN, metadata={
+        "help": "evaluation text: 'builtin' (CPython's pydoc topics) or a UTF-8 text file, e.g. "
+                "wiki.test.raw; used whole, line endings normalised to \\n"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per window"})
+    max_windows: int | None = field(default=None, metadata={
+        "help": "evaluate only the first N windows (default: all that fit in the text)"})
+    batch_size: int = field(default=1, metadata={"help": "windows per forward pass"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto|float32|bfloat16|float16 (auto: the saved dtype; GGUF loads as float32)"})
+
+
+def config_help(name: str) -> str:
+    return next(f.metadata["help"] for f in fields(EvalConfig) if f.name == name)
+
+
+@dataclass
+class PerplexityResult:
+    """One perplexity figure and everything needed to reproduce it."""
+
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    windows: int
+    seq_len: int
+    predicted_tokens: int
+    text_tokens: int
+    data: str  # where the text came from
+    model: str
+    model_format: str  # hf, gguf, embedded, factorized, dense, peft
+    dtype: str
+    device: str
+    seconds: float
+
+    def line(self) -> str:
+        name = "the builtin text" if self.data.startswith("builtin") else Path(self.data).name
+        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens of {name} "
+                f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """The whole text tokenized once, without special tokens: a 1-D int64 tensor."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+@torch.inference_mode()
+def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
+               device="cpu", batch_size: int = 1, progress: bool = False) -> tuple[float, int, int]:
+    """Sum of token NLLs over non-overlapping windows of ``ids``: (nll_sum, predicted, windows).
+
+    Window i is ``ids[i*seq_len:(i+1)*seq_len]``; its first token is context
+    only. Logits are upcast to float32 for the log-softmax.
+    """
+    from tqdm.auto import tqdm
+
+    windows = ids.numel() // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise CoalaError(f"the text has {ids.numel()} tokens, fewer than one window of "
+                         f"--seq-len {seq_len}; use a longer text or a shorter --seq-len")
+    batches = ids[: windows * seq_len].view(windows, seq_len).split(batch_size)
+    total = 0.0
+    with tqdm(total=windows, desc="eval", unit="win", disable=None if progress else True) as bar:
+        for batch in batches:
+            batch = batch.to(device)
+            logits = model(input_ids=batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                reduction="sum")
+            total += float(loss)
+            bar.update(batch.shape[0])
+    return total, windows * (seq_len - 1), windows
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 512, max_windows: int | None = None,
+               device="cpu", batch_size: int = 1, progress: bool = False) -> dict:
+    """ppl, nll, windows, predicted_tokens, text_tokens of ``model`` on ``text`` (see module doc)."""
+    ids = token_ids(tokenizer, normalise_newlines(text))
+    nll_sum, predicted, windows = window_nll(model, ids, seq_len, max_windows, device,
+                                             batch_size, progress)
+    nll = nll_sum / predicted
+    return {"ppl": math.exp(nll), "nll": nll, "windows": windows,
+            "predicted_tokens": predicted, "text_tokens": ids.numel()}
+
+
+def normalise_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def load_for_eval(model: str | None, gguf_file: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer, description, format) for a path, a GGUF file or the embedded default."""
+    path = None if model is None else Path(model).expanduser()
+    kind = export.detect_format(path) if path is not None and path.is_dir() else None
+    if kind in ("factorized", "dense", "peft"):
+        net = export.load_model(path, dtype=None if dtype == "auto" else dtype)
+        return net, export.load_tokenizer(path), str(path), kind
+    spec = models.ModelSpec.from_args(model, gguf_file)
+    config = models.load_config(spec)
+    net = models.load_model(spec, models.resolve_dtype(dtype, config, spec), config=config)
+    fmt = "embedded" if spec.embedded else ("gguf" if spec.gguf_file else "hf")
+    return net, models.load_tokenizer(spec), spec.describe(), fmt
+
+
+def evaluate(config: EvalConfig | None = None, progress: bool = True, **overrides) -> PerplexityResult:
+    """Load the model named by ``config`` and measure its perplexity on ``config.data``."""
+    config = config or EvalConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    _validate(config)
+    t0 = time.perf_counter()
+    text, source = calib.load_text(config.data)
+    net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
+    calib.check_seq_len(config.seq_len, models.max_positions(net.config))
+    device = _device(config.device)
+    net.to(device)
+    res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
+                     config.batch_size, progress)
+    dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
+    return PerplexityResult(data=source, model=name, model_format=fmt, seq_len=config.seq_len,
+                            dtype=dtype, device=str(device),
+                            seconds=time.perf_counter() - t0, **res)
+
+
+def _validate(config: EvalConfig) -> None:
+    if config.max_windows is not None and config.max_windows < 1:
+        raise UsageError(f"--max-windows must be at least 1, got {config.max_windows}")
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.dtype != "auto" and config.dtype not in models.DTYPES:
+        raise UsageError(f"--dtype must be auto or one of {', '.join(models.DTYPES)}, "
+                         f"got {config.dtype!r}")
+    if config.model is not None and not Path(config.model).expanduser().exists():
+        raise CoalaError(f"model not found: {config.model} does not exist (give a model directory, "
+                         f"a .gguf file, a solve output, or omit MODEL for the embedded SmolLM2)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA device is available (use --device cpu)")
+    return dev

@@ -1,0 +1,346 @@
+"""solve end to end on a tiny random Llama: capture -> reduce -> solve -> load back.
+
+Invariants: the dense checkpoint is vanilla and holds A B; the factorized model
+gives the dense model's logits; the PEFT adapter reproduces the original
+model; parameter counts follow the ratio; global allocation meets the budget
+and never loses to uniform on the summed normalised error; COALA's layer error
+is never above SVD-LLM's on the same store and strictly below where the inputs
+are ill-conditioned; errors leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from coala_stream import export
+from coala_stream.checkpoint import load_state, save_state
+from coala_stream.cli import main
+from coala_stream.errors import CheckpointMismatch, StoreError, UsageError
+from coala_stream.linalg import coala_factors, fold_r, rank_for_ratio
+from coala_stream.solve import (
+    SolveConfig,
+    allocate_global,
+    normalised_tail,
+    run_solve,
+    solve_layer,
+    total_normalised_error,
+)
+from coala_stream.store import ReducedInput, open_store
+
+IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and immune to other processes on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_store(model_dir, out, samples=4, seq_len=64, reduce=True):
+    from coala_stream.capture import CaptureConfig, run_capture
+    from coala_stream.reduce import ReduceConfig, run_reduce
+
+    run_capture(CaptureConfig(out=str(out), model=str(model_dir), samples=samples,
+                              seq_len=seq_len, device="cpu"), progress=False)
+    if reduce:
+        run_reduce(out, ReduceConfig(device="cpu", with_gram=True), progress=False)
+    return out
+
+
+def solve(store, out, **settings):
+    return run_solve(store, SolveConfig(out=str(out), **settings), progress=False)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return tiny_model_dir(tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def store(base, tmp_path_factory):
+    return make_store(base, tmp_path_factory.mktemp("solve") / "calib.zarr")
+
+
+@pytest.fixture(scope="module")
+def ill_store(base, tmp_path_factory):
+    """The same model with LLM-like embeddings: 4 massive directions over moderate ones
+    (not axis-aligned), so every block's inputs have cond ~1e4..1e7 and float32 Gram
+    matrices lose the moderate directions (tests/test_baselines.py, the same mechanism)."""
+    root = tmp_path_factory.mktemp("ill")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(0)
+    E = model.model.embed_tokens.weight
+    U, _ = torch.linalg.qr(torch.randn(E.shape[0], E.shape[1], generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(E.shape[1], E.shape[1], generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -1, E.shape[1], dtype=torch.float64)
+    s[:4] = 1e3
+    with torch.no_grad():
+        E.copy_(((U * s) @ V.T).float() * 10)
+    model.save_pretrained(root / "model")
+    for f in base.glob("tokenizer*"):
+        shutil.copy(f, root / "model" / f.name)
+    return make_store(root / "model", root / "calib.zarr")
+
+
+@pytest.fixture(scope="module")
+def formats(store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    return {fmt: (root / fmt, solve(store, root / fmt, ratio=0.3, format=fmt))
+            for fmt in ("factorized", "dense", "peft")}
+
+
+def test_dense_is_vanilla_and_holds_the_factorized_product(formats):
+    fac_dir, _ = formats["factorized"]
+    dense_dir, report = formats["dense"]
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    modules = dict(dense.named_modules())
+    tensors = load_file(fac_dir / export.SINGLE_FILE)
+    for row in report["layers"]:
+        name = row["module"]
+        A, B = tensors[f"{name}.A.weight"], tensors[f"{name}.B.weight"]
+        assert B.shape == (row["rank"], row["shape"][1])
+        torch.testing.assert_close(modules[name].weight, A @ B, atol=1e-6, rtol=1e-5)
+    fac = export.load_model(fac_dir)
+    torch.testing.assert_close(logits(fac), logits(dense), atol=1e-5, rtol=1e-5)
+    assert fac.lm_head.weight is fac.model.embed_tokens.weight
+    assert json.loads((dense_dir / export.REPORT_FILE).read_text())["layers"] == report["layers"]
+
+
+def test_parameter_counts_follow_the_ratio(base, formats):
+    fac_dir, report = formats["factorized"]
+    original = AutoModelForCausalLM.from_pretrained(base)
+    fac = export.load_model(fac_dir)
+    expect = sum(rank_for_ratio(m, n, 0.3) * (m + n) for m, n in (r["shape"] for r in report["layers"]))
+    t = report["totals"]
+    assert t["layers"] == 14 and t["kept_dense"] == 0 and t["params_after"] == expect
+    assert 0.3 <= t["removed_fraction"] < 0.3 + 0.02
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(original) - count(fac) == t["params_before"] - t["params_after"]
+    size = lambda d: (d / export.SINGLE_FILE).stat().st_size
+    assert size(fac_dir) < size(base)
+
+
+def test_peft_adapter_reproduces_the_original_logits(base, formats):
+    peft = pytest.importorskip("peft")
+    out, report = formats["peft"]
+    original = AutoModelForCausalLM.from_pretrained(base)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"),
+                                           out / "adapter")
+    result = model.load_adapter(out / "adapter", adapter_name="check")
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(logits(model), logits(original), atol=1e-4, rtol=1e-4)
+    cfg = json.loads((out / "adapter" / export.ADAPTER_CONFIG).read_text())
+    ranks = {r["module"]: r["rank"] for r in report["layers"]}
+    assert {name: cfg["rank_pattern"].get(name, cfg["r"]) for name in cfg["target_modules"]} == ranks
+
+
+def test_global_allocation_meets_the_budget_and_never_loses_to_uniform(store, tmp_path):
+    report = solve(store, tmp_path / "g", ratio=0.3, allocate="global", format="dense")
+    a = report["allocation"]
+    assert a["requested"] == "global" and a["spent"] <= a["budget"]
+    assert a["total_normalised_error"] <= a["uniform_total_normalised_error"]
+    costs = [m + n for m, n in (r["shape"] for r in report["layers"])]
+    if a["allocate"] == "global":
+        assert a["budget"] - a["spent"] < min(costs)
+        assert sum(r["rank"] * c for r, c in zip(report["layers"], costs)) == a["spent"]
+    # measured on the data, the global ranks' errors are the optimal ones (COALA, mu = 0)
+    measured = sum(r["rel_error"] ** 2 for r in report["layers"])
+    assert measured == pytest.approx(a["total_normalised_error"], rel=1e-3)
+
+
+def _spectrum(k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(k, generator=g, dtype=torch.float64).pow(4).sort(descending=True).values
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_global_is_optimal_for_equal_costs_and_respects_budgets(seed):
+    spectra = [_spectrum(6, seed * 10 + i) for i in range(3)]
+    budget = 12 * 10  # rank 10 in total over three (6 x 6) layers, cost 12 each
+    ranks = allocate_global(spectra, [(6, 6)] * 3, budget, [6, 6, 6])
+    best = min(total_normalised_error(spectra, list(r))
+               for r in itertools.product(range(1, 7), repeat=3) if sum(r) * 12 <= budget)
+    assert sum(ranks) * 12 <= budget
+    assert total_normalised_error(spectra, ranks) == pytest.approx(best, abs=1e-12)
+    shapes = [(6, 6), (9, 6), (12, 6)]
+    mixed = [_spectrum(6, seed * 10 + i) for i in range(3)]
+    ranks = allocate_global(mixed, shapes, 70, [6, 6, 6])
+    spent = sum(r * (m + n) for r, (m, n) in zip(ranks, shapes))
+    growable = [m + n for r, (m, n) in zip(ranks, shapes) if r < 6]
+    assert spent <= 70 and (not growable or 70 - spent < min(growable))
+
+
+def test_coala_is_never_worse_than_svdllm_on_the_same_store(store, tmp_path):
+    coala = solve(store, tmp_path / "c", ratio=0.3, format="dense")
+    svdllm = solve(store, tmp_path / "s", ratio=0.3, format="dense", method="svdllm")
+    for c, s in zip(coala["layers"], svdllm["layers"]):
+        assert s["gram_source"] == "stored"
+        assert c["rel_error"] <= s["rel_error"] * (1 + 1e-4) + 1e-7, c["module"]
+        assert c["rel_error"] == pytest.approx(c["optimal_rel_error"], rel=1e-4)
+
+
+def test_coala_is_strictly_better_than_svdllm_on_ill_conditioned_inputs(ill_store, tmp_path):
+    coala = solve(ill_store, tmp_path / "c", ratio=0.3, format="dense")
+    svdllm = solve(ill_store, tmp_path / "s", ratio=0.3, format="dense", method="svdllm")
+    ratios = [s["rel_error"] / c["rel_error"] for c, s in zip(coala["layers"], svdllm["layers"])]
+    assert min(ratios) >= 1 - 1e-4
+    assert sum(r > 1.05 for r in ratios) >= 4, ratios  # fp32 Gram loses > 5% on several layers
+    assert max(c["cond_R"] for c in coala["layers"]) > 1e4
+    assert any("not positive definite" in s["note"] for s in svdllm["layers"])
+
+
+def test_svd_and_asvd_run_through_the_same_pipeline(store, tmp_path):
+    coala = solve(store, tmp_path / "c", ratio=0.5, format="dense", layers=r"layers\.0\.mlp")
+    for method in ("svd", "asvd"):
+        other = solve(store, tmp_path / method, ratio=0.5, format="dense", method=method,
+                      layers=r"layers\.0\.mlp")
+        assert [r["module"] for r in other["layers"]] == [r["module"] for r in coala["layers"]]
+        for c, o in zip(coala["layers"], other["layers"]):
+            assert c["rel_error"] <= o["rel_error"] * (1 + 1e-5)
+
+
+def _reduced(seed, n=24, tokens=200):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    W = torch.randn(16, n, generator=g, dtype=torch.float64)
+    R = fold_r([X], dtype=torch.float64)
+    return W, ReducedInput("x", R, X.abs().sum(0), None, tokens, True, {})
+
+
+def test_mu_is_relative_and_adaptive_mu_scales_by_the_squared_error():
+    W, red = _reduced(0)
+    mu_abs = 0.1 * float(red.R.square().sum()) / red.R.shape[1]
+    res = solve_layer(W, red, 5, SolveConfig(out="-", rank=5, mu=0.1))
+    assert res["mu"] == pytest.approx(mu_abs)
+    A, B = coala_factors(W, red.R, 5, mu=mu_abs)
+    torch.testing.assert_close(res["A"] @ res["B"], A @ B)
+    plain = solve_layer(W, red, 5, SolveConfig(out="-", rank=5))
+    assert plain["rel_error"] < res["rel_error"]  # mu trades data error for weight closeness
+    adaptive = solve_layer(W, red, 5, SolveConfig(out="-", rank=5, mu=0.1, adaptive_mu=True))
+    assert adaptive["mu"] == pytest.approx(mu_abs * plain["rel_error"] ** 2, rel=1e-6)
+    assert normalised_tail(plain["spectrum"], 5) == pytest.approx(plain["rel_error"] ** 2, rel=1e-6)
+
+
+def test_mu_end_to_end_is_recorded_per_layer(store, tmp_path):
+    report = solve(store, tmp_path / "mu", ratio=0.3, mu=0.05, format="dense",
+                   layers=r"layers\.1\.self_attn\.q_proj")
+    (row,) = report["layers"]
+    R = open_store(store).factor(row["input"]).R
+    assert row["mu"] == pytest.approx(0.05 * float(R.double().square().sum()) / R.shape[1], rel=1e-6)
+
+
+def test_layers_regex_and_layers_kept_dense(base, store, tmp_path):
+    report = solve(store, tmp_path / "f", rank=40, layers=r"q_proj|mlp")
+    rows = {r["module"]: r for r in report["layers"]}
+    assert len(rows) == 8
+    q = rows["model.layers.0.self_attn.q_proj"]  # 40 x (64 + 64) >= 64 x 64
+    assert q["kept_dense"] and "kept dense" in q["note"] and q["params_after"] == 64 * 64
+    assert not rows["model.layers.0.mlp.up_proj"]["kept_dense"]
+    fac = export.load_model(tmp_path / "f")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    mods, orig = dict(fac.named_modules()), dict(original.named_modules())
+    assert isinstance(mods["model.layers.0.self_attn.q_proj"], torch.nn.Linear)
+    assert isinstance(mods["model.layers.0.mlp.up_proj"], export.LowRankLinear)
+    torch.testing.assert_close(mods["model.layers.0.self_attn.k_proj"].weight,
+                               orig["model.layers.0.self_attn.k_proj"].weight)
+
+
+def test_source_without_safetensors_is_loaded_whole_and_resaved(base, store, tmp_path):
+    src = tmp_path / "bin-model"
+    src.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(base).state_dict(), src / "pytorch_model.bin")
+    for f in base.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, src / f.name)
+    report = solve(store, tmp_path / "out", ratio=0.3, model=str(src), format="dense",
+                   layers=r"layers\.0\.mlp")
+    assert any("loaded whole" in note for note in report["notes"])
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["config.json", "generation_config.json", "model.safetensors", "solve_report.json",
+         "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_cli_prints_the_table(store, tmp_path, capsys):
+    assert main(["solve", str(store), "--ratio", "0.3", "--out", str(tmp_path / "o"),
+                 "--quiet", "--layers", r"layers\.0\."]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.down_proj" in out and "total:" in out and "wrote" in out
+    assert main(["solve", str(store), "--ratio", "0.3", "--out", str(tmp_path / "j"),
+                 "--quiet", "--json", "--layers", r"layers\.0\."]) == 0
+    assert len(json.loads(capsys.readouterr().out)["layers"]) == 7
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--ratio", "1.5"], 2, "ratio"),
+    (["--ratio", "0"], 2, "ratio"),
+    (["--rank", "100"], 2, "exceeds min"),
+    (["--ratio", "0.2", "--method", "svd", "--mu", "0.1"], 2, "coala only"),
+    (["--ratio", "0.2", "--layers", "nothing-matches"], 2, "matches none"),
+])
+def test_bad_settings_exit_2(store, tmp_path, capsys, args, code, message):
+    assert main(["solve", str(store), "--out", str(tmp_path / "o"), "--quiet", *args]) == code
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_is_refused_without_overwrite(store, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    assert main(["solve", str(store), "--out", str(tmp_path / "o"), "--ratio", "0.2", "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["solve", str(store), "--out", str(tmp_path / "o"), "--ratio", "0.2", "--quiet",
+                 "--overwrite", "--layers", r"layers\.0\.self_attn\.q"]) == 0
+    assert (tmp_path / "o" / export.REPORT_FILE).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_output_may_not_replace_the_model_or_store(base, store, tmp_path):
+    for out in (base, store, store.parent):
+        with pytest.raises(UsageError, match="which this solve reads from"):
+            solve(store, out, ratio=0.2, overwrite=True)
+    assert (store / "zarr.json").is_file() and (base / "config.json").is_file()
+
+
+def test_unreduced_and_partly_reduced_stores_are_refused(base, store, tmp_path):
+    raw = make_store(base, tmp_path / "raw.zarr", samples=1, reduce=False)
+    with pytest.raises(StoreError, match="not reduced"):
+        solve(raw, tmp_path / "o", ratio=0.2)
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(store, partial)
+    path = open_store(partial).factor_path(open_store(partial).inputs[0])
+    tensors, meta = load_state(path)
+    save_state(path, tensors, {**meta, "complete": False})
+    with pytest.raises(StoreError, match="partly reduced"):
+        solve(partial, tmp_path / "o", ratio=0.2)
+    assert sorted(os.listdir(tmp_path)) == ["partial.zarr", "raw.zarr"]
+
+
+def test_a_model_that_does_not_match_the_store_is_refused(tiny_model_dir, store, tmp_path):
+    other = tiny_model_dir(intermediate_size=96)
+    with pytest.raises(CheckpointMismatch, match="does not match the store"):
+        solve(store, tmp_path / "o", ratio=0.2, model=str(other))
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_validation():
+    with pytest.raises(UsageError, match="exactly one"):
+        SolveConfig(out="x").validate()
+    with pytest.raises(UsageError, match="adaptive"):
+        SolveConfig(out="x", ratio=0.2, adaptive_mu=True).validate()
+    with pytest.raises(UsageError, match="method"):
+        SolveConfig(out="x", ratio=0.2, method="magic").validate()
