@@ -4,10 +4,14 @@ Sources:
 
 - ``builtin``: CPython's pydoc topics (``pydoc_data.topics``), about 465k
   characters of real English prose and code from the Python documentation,
-  shipped with every Python, so no download is needed. It is Python
-  documentation, not Wikipedia: for results comparable with papers (SVD-LLM,
-  COALA use WikiText-2) pass a WikiText-2 file. Its text, and so its hash, can
-  change between Python versions; the hash is recorded in the store.
+  shipped with every Python, so no download is needed. The topics are split
+  once, deterministically, into a calibration part (``builtin``, about 80%)
+  and a disjoint held-out part (``builtin:heldout``, about 20%) so that
+  calibrating on one and evaluating on the other never overlaps;
+  ``builtin:all`` is the whole text. It is Python documentation, not
+  Wikipedia: for results comparable with papers (SVD-LLM, COALA use
+  WikiText-2) pass a WikiText-2 file. Its text, and so its hash, can change
+  between Python versions; the hash is recorded in the store.
 - ``PATH``: a UTF-8 text file (e.g. WikiText-2's ``wiki.train.raw``).
 
 The text is tokenized once, without special tokens, and ``samples`` windows of
@@ -27,6 +31,10 @@ import torch
 from .errors import CoalaError, UsageError
 
 BUILTIN = "builtin"
+BUILTIN_HELDOUT = "builtin:heldout"
+BUILTIN_ALL = "builtin:all"
+BUILTIN_NAMES = (BUILTIN, BUILTIN_HELDOUT, BUILTIN_ALL)
+HELDOUT_FRACTION = 0.2
 
 
 @dataclass
@@ -49,26 +57,45 @@ class Calibration:
     text_tokens: int
 
 
-def builtin_text() -> str:
-    """CPython's pydoc topics, joined in sorted key order."""
+def builtin_text(part: str = BUILTIN_ALL) -> str:
+    """CPython's pydoc topics in sorted key order: all of them, or one part of the split.
+
+    A topic goes to the held-out part whenever that part holds less than
+    ``HELDOUT_FRACTION`` of the characters seen so far, which interleaves the
+    two parts through the alphabet instead of holding out one end of it.
+    """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    if part not in BUILTIN_NAMES:
+        raise UsageError(f"unknown builtin text {part!r}; choose one of {', '.join(BUILTIN_NAMES)}")
+    seen = held = 0
+    chosen = []
+    for key in sorted(topics):
+        text = topics[key]
+        seen += len(text)
+        heldout = held < HELDOUT_FRACTION * seen
+        if heldout:
+            held += len(text)
+        if part == BUILTIN_ALL or heldout == (part == BUILTIN_HELDOUT):
+            chosen.append(text)
+    return "\n\n".join(chosen)
 
 
 def load_text(data: str) -> tuple[str, str]:
     """(text, source description) for ``builtin`` or a file path; CoalaError if unusable."""
-    if data == BUILTIN:
+    if data in BUILTIN_NAMES:
         import sys
 
         v = sys.version_info
-        return builtin_text(), f"builtin: CPython {v.major}.{v.minor} pydoc topics (Python documentation)"
+        part = {BUILTIN: "calibration part", BUILTIN_HELDOUT: "held-out part", BUILTIN_ALL: "all"}[data]
+        return builtin_text(data), (f"{data}: CPython {v.major}.{v.minor} pydoc topics "
+                                    f"(Python documentation), {part}")
     path = Path(data).expanduser()
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise CoalaError(f"cannot read calibration text {path}: {exc.strerror or exc}"
-                         f" (--data takes 'builtin' or a UTF-8 text file)") from exc
+                         f" (--data takes 'builtin', 'builtin:heldout', 'builtin:all' or a UTF-8 text file)") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

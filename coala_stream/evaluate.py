@@ -12,7 +12,8 @@ Text: for a file, its contents with line endings normalised to ``\\n`` (CRLF ->
 LF, as Python's text mode reads it), *not* GPTQ's ``"\\n\\n".join`` of the
 dataset's rows: the shared ``wiki.test.raw`` holds only the non-empty rows, so
 that join could not be reproduced exactly anyway; the difference is whitespace
-only. ``builtin`` is CPython's pydoc topics text (`calib.builtin_text`).
+only. ``builtin:heldout`` (the default) is the part of CPython's pydoc topics that
+calibration on ``builtin`` never sees (`calib.builtin_text`).
 
 Models: a Hugging Face directory, a GGUF file, the embedded default (no
 MODEL), or a ``solve`` output (factorized, dense or peft, detected from the
@@ -42,9 +43,10 @@ class EvalConfig:
                 "dense or peft, detected); default: the embedded SmolLM2-135M-Instruct"})
     gguf_file: str | None = field(default=None, metadata={
         "help": "name of the GGUF file inside MODEL (when MODEL is a directory holding one)"})
-    data: str = field(default=calib.BUILTIN, metadata={
-        "help": "evaluation text: 'builtin' (CPython's pydoc topics) or a UTF-8 text file, e.g. "
-                "wiki.test.raw; used whole, line endings normalised to \\n"})
+    data: str = field(default=calib.BUILTIN_HELDOUT, metadata={
+        "help": "evaluation text: 'builtin:heldout' (the part of CPython's pydoc topics that "
+                "calibration's 'builtin' never uses), 'builtin', 'builtin:all', or a UTF-8 text "
+                "file, e.g. wiki.test.raw; used whole, line endings normalised to \\n"})
     seq_len: int = field(default=512, metadata={"help": "tokens per window"})
     max_windows: int | None = field(default=None, metadata={
         "help": "evaluate only the first N windows (default: all that fit in the text)"})
@@ -76,7 +78,8 @@ class PerplexityResult:
     seconds: float
 
     def line(self) -> str:
-        name = "the builtin text" if self.data.startswith("builtin") else Path(self.data).name
+        name = self.data.split(": ", 1)[0] + " text" if self.data.startswith("builtin") \
+            else Path(self.data).name
         return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens of {name} "
                 f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s)")
 

@@ -42,7 +42,7 @@ def test_builtin_windows_are_slices_of_the_tokenized_text(tokenizer):
     c = calib.calibration_windows(tokenizer, "builtin", 4, 32, seed=3)
     assert c.ids.shape == (4, 32) and c.ids.dtype == torch.int64
     assert "pydoc" in c.source and len(c.sha256) == 64 and c.text_tokens > 100_000
-    text_ids = tokenizer(calib.builtin_text(), add_special_tokens=False)["input_ids"]
+    text_ids = tokenizer(calib.builtin_text("builtin"), add_special_tokens=False)["input_ids"]
     for row, s in zip(c.ids.tolist(), c.starts):
         assert row == text_ids[s:s + 32]
 
@@ -82,3 +82,17 @@ def test_errors(tokenizer, tmp_path, case, exc, match):
     samples = 0 if case == "samples_0" else samples
     with pytest.raises(exc, match=match):
         calib.calibration_windows(tokenizer, str(p), samples, seq_len, max_len=128)
+
+
+def test_builtin_calibration_and_heldout_parts_are_disjoint_and_cover_the_text():
+    cal, held, whole = (calib.builtin_text(p) for p in calib.BUILTIN_NAMES)
+    assert len(held) > 0.15 * len(whole) and len(cal) > 0.6 * len(whole)
+    # every topic lands in a part and the lengths add up, so no topic is in both
+    from pydoc_data.topics import topics
+    assert all(text in cal or text in held for text in topics.values())
+    assert len(cal) + len(held) + len("\n\n") == len(whole)
+
+
+def test_unknown_builtin_part_is_a_usage_error():
+    with pytest.raises(calib.UsageError, match="builtin:heldout"):
+        calib.builtin_text("builtin:test")

@@ -20,7 +20,7 @@ embedded SmolLM2-135M-Instruct. Prints one line (stderr with --json).
 
 EPILOG = """\
 examples:
-  coala-stream eval                                   # embedded SmolLM2 on the builtin text
+  coala-stream eval                                   # embedded SmolLM2, held-out builtin text
   coala-stream eval smol-80 --data ../shared/data/wikitext-2-raw/wiki.test.raw --max-windows 40
   coala-stream eval smol-lora --seq-len 1024 --device cuda --json
 """
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    DESCRIPTION, EPILOG)
     p.add_argument("model", nargs="?", metavar="MODEL_OR_DIR", help=_help("model"))
     p.add_argument("--gguf-file", metavar="NAME", help=_help("gguf_file"))
-    p.add_argument("--data", default="builtin", metavar="builtin|PATH", help=_help("data"))
+    p.add_argument("--data", default="builtin:heldout", metavar="builtin:heldout|PATH", help=_help("data"))
     p.add_argument("--seq-len", type=int, default=512, metavar="N", help=_help("seq_len"))
     p.add_argument("--max-windows", type=int, metavar="N", help=_help("max_windows"))
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help=_help("batch_size"))
