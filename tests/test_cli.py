@@ -1,0 +1,53 @@
+"""The command line: help that renders, errors as one line with the promised exit codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from coala_stream.cli import SUBCOMMANDS, main
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert f"\n    {name}" in out
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_help_renders_with_defaults(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: coala-stream {name}")
+    assert "--" in out
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "capture" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["reduce", "{tmp}/missing.zarr"],
+    ["solve", "{tmp}/missing.zarr", "--ratio", "0.2", "--out", "{tmp}/out"],
+    ["status", "{tmp}/missing.zarr"],
+    ["eval", "{tmp}/missing-model"],
+])
+def test_missing_paths_are_one_line_errors_not_tracebacks(argv, tmp_path, capsys):
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith(f"coala-stream {argv[0]}: error: ")
+    assert "missing" in err.splitlines()[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    code = main(["solve", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--ratio", "1.5"])
+    assert code == 2
+    assert "ratio" in capsys.readouterr().err
