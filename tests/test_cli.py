@@ -51,3 +51,14 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     code = main(["solve", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--ratio", "1.5"])
     assert code == 2
     assert "ratio" in capsys.readouterr().err
+
+
+def test_package_import_is_light_and_pipeline_names_resolve():
+    import subprocess
+    import sys
+
+    code = ("import sys, coala_stream as c; heavy = [m for m in ('transformers', 'zarr', 'dask', 'h5py') "
+            "if m in sys.modules]; assert not heavy, heavy; "
+            "assert callable(c.open_store) and callable(c.run_reduce) and callable(c.load_model); "
+            "assert callable(c.run_capture) and callable(c.run_solve) and callable(c.perplexity)")
+    subprocess.run([sys.executable, "-c", code], check=True)
