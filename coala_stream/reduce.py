@@ -38,8 +38,9 @@ Scripts that call ``run_reduce`` with ``workers`` need the usual
 ``if __name__ == "__main__":`` guard: Dask starts worker processes with spawn.
 
 Test-only hook: the environment variable ``COALA_STREAM_TEST_GROUP_DELAY``
-(seconds) makes the local loop sleep after every group, so tests can kill a
-run at random moments of a small store. Not for users.
+(seconds) makes the local loop and the Dask tasks sleep after every group, so
+tests can kill a run (or a worker) at random moments of a small store. Not for
+users.
 """
 
 from __future__ import annotations
@@ -633,9 +634,12 @@ def fold_range_task(store_path: str, name: str, start: int, stop: int, crc32s: l
         part = Partial.empty(info.n, dev, with_gram)
         with ChunkPrefetcher(lambda i: store.read_chunk(name, i), start, stop, depth=2, threads=1,
                              pin=dev.type == "cuda") as chunks:
+            delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
             for a, b in plan_groups(start, stop, g):
                 fold_group(part, chunks.take(b - a), name=name, n=info.n, dtype=DTYPES[dtype],
                            device=dev)
+                if delay:
+                    time.sleep(delay)
     return part.to("cpu")
 
 

@@ -416,3 +416,40 @@ def test_two_worker_dask_run_matches_the_single_process_r(tmp_path):
         assert rel(Rd.T @ Rd, Rl.T @ Rl) < 1e-5
         assert rel(Rd, Rl) < 1e-4
         torch.testing.assert_close(d.abs_sum, l.abs_sum, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_task_is_survived(tmp_path, monkeypatch):
+    """kill -9 of a worker process while it folds: Dask reruns its tasks, R is still right."""
+    distributed = pytest.importorskip("distributed")
+    import threading
+
+    path = tmp_path / "s.zarr"
+    X = make_store(path, {"a": (32, 24)})
+    monkeypatch.setenv(TEST_DELAY_ENV, "0.3")  # inherited by the worker processes
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        result: dict = {}
+        runner = threading.Thread(target=lambda: result.update(run_reduce(
+            path, cfg(scheduler=cluster.scheduler_address), progress=False)))
+        runner.start()
+        deadline = time.monotonic() + 60
+        busy = []
+        while not busy and time.monotonic() < deadline:
+            busy = [w for w, tasks in client.processing().items()
+                    if any(str(t).startswith("('fold_range_task") or "fold_range_task" in str(t)
+                           for t in tasks)]
+            time.sleep(0.05)
+        assert busy, "no fold task started"
+        time.sleep(0.4)  # inside the task, between groups
+        pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+        os.kill(pid, signal.SIGKILL)
+        runner.join(120)
+        assert not runner.is_alive()
+    assert result["inputs"]["a"]["action"] == "folded"
+    d = factor(path, "a")
+    assert d.complete and d.tokens == X["a"].shape[0]
+    R = d.R.double()
+    ref = X["a"].T @ X["a"]
+    assert rel(R.T @ R, ref) < 1e-5
