@@ -86,6 +86,16 @@ class CaptureConfig:
         "help": "zarr|hdf5; default: hdf5 if OUT ends in .h5 or .hdf5, else zarr"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing store that was made with different settings"})
+    sequential: bool = field(default=False, metadata={
+        "help": "run the model one decoder block at a time (Llama-style models: Llama, Mistral, "
+                "Qwen2, SmolLM): only the embeddings, then one block's weights are loaded at a "
+                "time, and the hidden states between blocks go to disk (see --hidden-dir), so "
+                "models larger than device memory or RAM can be captured; the store is the same "
+                "(GGUF models load whole on the CPU and go to the device one block at a time)"})
+    hidden_dir: str | None = field(default=None, metadata={
+        "help": "with --sequential: the work directory for the hidden states between blocks "
+                "(two arrays of samples x seq_len x hidden) and the progress record; deleted "
+                "when the capture completes; default: OUT.sequential next to the store"})
 
     def __post_init__(self):
         if not isinstance(self.model, models.ModelSpec):
@@ -189,13 +199,20 @@ def probe_groups(model, targets, sample: torch.Tensor, dtype: torch.dtype):
     Returns (groups in module order, group names in the order their hooks fire
     in the forward pass, crc32 of the probed inputs).
     """
+    return probe_run(lambda: _forward(model, sample), targets, sample.numel(), dtype)
+
+
+def probe_run(run, targets, tokens: int, dtype: torch.dtype, crc: int = 0):
+    """`probe_groups` for any forward: ``run()`` makes every module of ``targets`` see
+    ``tokens`` rows once (the sequential capture runs one decoder block). ``crc``
+    continues a crc32 over earlier probes (blocks before this one)."""
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [m.register_forward_pre_hook(
         lambda mod, args, kwargs, name=name: calls.append((name, _linear_input(args, kwargs))),
         with_kwargs=True) for name, m in targets]
     try:
         with torch.no_grad():
-            _forward(model, sample)
+            run()
     finally:
         for h in handles:
             h.remove()
@@ -207,10 +224,13 @@ def probe_groups(model, targets, sample: torch.Tensor, dtype: torch.dtype):
         seen[name] = x
     groups: dict[tuple, InputGroup] = {}
     for name, mod in targets:
+        if name not in seen:
+            raise CoalaError(f"module {name} did not run in the forward pass; capture needs every "
+                             f"captured layer to run once (exclude it with --layers)")
         x = seen[name]
-        if x.numel() != sample.numel() * mod.in_features:
+        if x.numel() != tokens * mod.in_features:
             raise CoalaError(f"module {name} sees {x.numel() // mod.in_features} rows for "
-                             f"{sample.numel()} tokens; capture needs one row per token "
+                             f"{tokens} tokens; capture needs one row per token "
                              f"(mixture-of-experts layers: exclude them with --layers)")
         if x.dtype != dtype:
             raise CoalaError(f"module {name} receives {x.dtype} inputs in a {dtype} model; "
@@ -218,7 +238,6 @@ def probe_groups(model, targets, sample: torch.Tensor, dtype: torch.dtype):
         groups.setdefault(_tensor_key(x), InputGroup(name, mod.in_features, [])).consumers.append(name)
     call_index = {name: i for i, (name, _) in enumerate(calls)}
     fire_order = sorted((g.name for g in groups.values()), key=call_index.__getitem__)
-    crc = 0
     for g in groups.values():
         crc = zlib.crc32(seen[g.name].detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
     return list(groups.values()), fire_order, crc
@@ -404,7 +423,15 @@ def _existing_store(config: CaptureConfig, backend: str, attrs: dict) -> str | N
         diff.append(f"shard_chunks: store has {stored.get('shard_chunks')}, this run asks "
                     f"for {config.shard_chunks}")
     if not diff:
-        return "complete" if stored["capture"]["complete"] else "resume"
+        if stored["capture"]["complete"]:
+            return "complete"
+        started = bool((stored.get("capture_settings") or {}).get("sequential"))
+        if started != config.sequential:
+            how = "with" if started else "without"
+            raise StoreError(f"{path} is an unfinished capture started {how} --sequential; rerun "
+                             f"the same command {how} --sequential to resume it (the two modes "
+                             f"commit in different orders), or pass --overwrite to start over")
+        return "resume"
     if config.overwrite:
         return None
     raise StoreError(f"{path} was captured with other settings: " + "; ".join(diff)
@@ -476,6 +503,11 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
                    "dtype": plan.dtype, "device": str(plan.device),
                    "chunk_tokens": plan.chunk_tokens, "batch_size": plan.batch_size}
         state = _existing_store(config, plan.backend, plan.attrs)
+        if config.sequential:
+            from . import sequential
+
+            summary["sequential"] = True
+            return sequential.run_sequential(config, plan, state, summary, say, progress, t0)
         if state == "complete":
             summary.update(status="already complete", samples_before=config.samples,
                            raw_bytes=0, seconds=time.perf_counter() - t0)

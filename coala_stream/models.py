@@ -256,3 +256,86 @@ def model_attrs(spec: ModelSpec, config) -> dict:
 def tokenizer_attrs(tokenizer) -> dict:
     """The store's ``tokenizer`` attribute: enough to recognise it, not to rebuild it."""
     return {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+
+
+# ---------------------------------------------------------------------------
+# Loading one part at a time (capture --sequential)
+
+def load_skeleton(config, dtype):
+    """The causal LM built from ``config`` on the ``meta`` device: every module and
+    parameter shape, no memory. Parts are materialised later (`LazyWeights`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _offline()
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CoalaError(f"cannot build the model from its config ({exc})") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class LazyWeights:
+    """The tensors of a Hugging Face safetensors checkpoint (one file or an index of
+    shards), read by name when asked for: a file is opened (memory-mapped) only while
+    `read` copies tensors out of it, so nothing stays resident between calls."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.is_file():
+            try:
+                self.files = dict(json.loads(index.read_text())["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CoalaError(f"cannot read the checkpoint index {index}: {exc}") from exc
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+    @classmethod
+    def find(cls, spec: ModelSpec) -> "LazyWeights | None":
+        """The checkpoint of an HF directory in safetensors format; None for GGUF models
+        and other formats (pytorch_model.bin), which load whole."""
+        d, gguf_file = spec.resolve()
+        if gguf_file is not None:
+            return None
+        try:
+            return cls(d)
+        except FileNotFoundError:
+            return None
+
+    def key(self, name: str) -> str:
+        """The checkpoint's name for the model's parameter ``name`` (a checkpoint of the
+        base model lacks the ``model.`` prefix); CoalaError if it has none."""
+        if name in self.files:
+            return name
+        head, _, rest = name.partition(".")
+        if rest in self.files:
+            return rest
+        raise CoalaError(f"the checkpoint in {self.directory} has no tensor {name!r} (its names "
+                         f"look like {next(iter(self.files), 'nothing')!r}); capture without "
+                         f"--sequential loads it through transformers' renaming rules")
+
+    def read(self, names) -> dict:
+        """{name: CPU tensor as stored} for the model parameter ``names`` (a tensor maps the
+        file privately until it is dropped: copy it where it belongs, then drop it)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[self.key(name)], []).append(name)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(self.directory / file, framework="pt", device="cpu") as f:
+                for name in group:
+                    out[name] = f.get_tensor(self.key(name))
+        return out

@@ -84,3 +84,33 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Factory: ``tiny_arch_dir("qwen2", dtype="float32", **config overrides) -> Path``: like
+    ``tiny_model_dir`` for any ``model_type`` transformers knows (its *ForCausalLM), with
+    the TINY_LLAMA sizes (keys the architecture does not use are kept as plain attributes)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    built: dict[tuple, Path] = {}
+    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+
+    def make(model_type: str, dtype: str = "float32", seed: int = 0, **overrides) -> Path:
+        key = (model_type, dtype, seed, tuple(sorted(overrides.items())))
+        if key not in built:
+            cfg = AutoConfig.for_model(model_type, **{**TINY_LLAMA, "vocab_size": vocab, **overrides})
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype))
+            model.config.dtype = getattr(torch, dtype)
+            out = tmp_path_factory.mktemp(f"tiny-{model_type}-{dtype}")
+            model.save_pretrained(out)
+            for f in tiny_tokenizer_dir.iterdir():
+                shutil.copy(f, out / f.name)
+            built[key] = out
+        return built[key]
+
+    return make

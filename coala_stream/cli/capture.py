@@ -23,6 +23,7 @@ examples:
   coala-stream capture ./my-llama --out calib.zarr --data wiki.train.raw --samples 256 --seq-len 2048
   coala-stream capture ./models --gguf-file m.Q8_0.gguf --out calib.h5 --backend hdf5
   coala-stream capture --out c.zarr --layers 'layers\\.(0|1)\\.' --samples 8    # first two blocks
+  coala-stream capture ./big-llama --out calib.zarr --sequential --hidden-dir /scratch/h  # one block at a time
 """
 
 
@@ -55,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--shard-chunks", type=int, metavar="CHUNKS", help=_help("shard_chunks"))
     p.add_argument("--backend", choices=("zarr", "hdf5"), help=_help("backend"))
     p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
+    p.add_argument("--sequential", action="store_true", help=_help("sequential"))
+    p.add_argument("--hidden-dir", metavar="DIR", help=_help("hidden_dir"))
     p.set_defaults(func=run)
 
 
@@ -67,13 +70,20 @@ def run(args) -> int:
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, layers=args.layers,
         device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
         batch_size=args.batch_size, shard_chunks=args.shard_chunks, backend=args.backend,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, sequential=args.sequential, hidden_dir=args.hidden_dir)
+    if args.hidden_dir is not None and not args.sequential:
+        from ..errors import UsageError
+
+        raise UsageError("--hidden-dir is only used with --sequential")
     s = run_capture(config, progress=True)
     if s["status"] == "already complete":
         print(f"{s['store']}: already complete ({s['samples']} samples x {s['seq_len']} tokens); "
               f"nothing to do")
     else:
         resumed = f", resumed after {s['samples_before']}" if s["samples_before"] else ""
+        if s.get("sequential"):
+            resumed = (f", block by block: {s['blocks']} blocks"
+                       + (f", resumed at block {s['block_before']}" if s["block_before"] else ""))
         print(f"{s['store']}: {s['inputs']} inputs, {s['samples']} samples x {s['seq_len']} tokens "
               f"({s['dtype']}, {s['backend']}{resumed}) in {s['seconds']:.1f} s")
     sys.stdout.flush()
