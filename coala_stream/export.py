@@ -372,7 +372,9 @@ class PeftWriter(_Writer):
         adapter_dir.mkdir()
         save_file(self.adapter, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json(adapter_dir / ADAPTER_CONFIG,
-                   adapter_config(self.ranks, str(self.final_dir / "base"), self.source.config()))
+                   # absolute: AutoPeftModel resolves it from wherever the adapter is used
+                   adapter_config(self.ranks, str(Path(self.final_dir).resolve() / "base"),
+                                  self.source.config()))
 
 
 def adapter_config(ranks: dict[str, int], base_path: str, model_config: dict) -> dict:

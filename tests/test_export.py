@@ -139,7 +139,7 @@ def test_peft_adapter_loads_cleanly_and_reproduces_the_original(tied, outputs):
     cfg = json.loads((made["peft"] / "adapter" / export.ADAPTER_CONFIG).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert set(cfg["target_modules"]) == set(ranks)
-    assert cfg["base_model_name_or_path"] == str(made["peft"] / "base")
+    assert cfg["base_model_name_or_path"] == str((made["peft"] / "base").resolve())
     base = AutoModelForCausalLM.from_pretrained(made["peft"] / "base")
     model = peft.PeftModel.from_pretrained(base, made["peft"] / "adapter").eval()
     result = model.load_adapter(made["peft"] / "adapter", adapter_name="again")
