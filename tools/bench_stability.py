@@ -111,16 +111,17 @@ def methods(X64: torch.Tensor, W64: torch.Tensor, rank: int, rows: int) -> dict[
     return out
 
 
-def real_inputs(store_path: Path, model_dir: Path | None, count: int, max_rows: int):
-    """(name, X in float64, W) for a few inputs of a capture store, with their first consumer's W."""
+def real_inputs(store_path: Path, model_dir: Path | None, pattern: str, max_rows: int):
+    """(name, consumer, X in float64, W) for the inputs matching ``pattern``, with their first
+    consumer's W."""
+    import re
+
     from coala_stream import open_store
     from coala_stream.export import ShardedCheckpoint
 
     store = open_store(store_path)
     weights = ShardedCheckpoint(model_dir or Path(store.attrs["model"]["path"]))
-    names = store.inputs
-    picks = [names[int(i)] for i in torch.linspace(0, len(names) - 1, count).round().long()]
-    for name in picks:
+    for name in [nm for nm in store.inputs if re.search(pattern, nm)]:
         parts, rows = [], 0
         for chunk in store.iter_chunks(name):
             parts.append(chunk.to(torch.float64))
@@ -130,6 +131,12 @@ def real_inputs(store_path: Path, model_dir: Path | None, count: int, max_rows: 
         X = torch.cat(parts)[:max_rows]
         consumer = store.input(name).consumers[0]
         yield name, consumer, X, weights.get(consumer + ".weight").to(torch.float64)
+
+
+def store_consumers(store_path: Path, name: str) -> list[str]:
+    from coala_stream import open_store
+
+    return open_store(store_path).input(name).consumers
 
 
 def main() -> None:
@@ -144,7 +151,9 @@ def main() -> None:
     ap.add_argument("--store", type=Path, help="also run on real activations from this capture store")
     ap.add_argument("--model-dir", type=Path,
                     help="safetensors model holding the store's weights (default: the store's model path)")
-    ap.add_argument("--store-inputs", type=int, default=6)
+    ap.add_argument("--store-inputs", default=r"layers\.(0|15|29)\.",
+                    help="regular expression choosing the store's inputs (default: every input of "
+                         "the first, a middle and the last block)")
     ap.add_argument("--store-rows", type=int, default=4096)
     ap.add_argument("--ratio", type=float, default=0.2, help="rank for real layers (SVD-LLM convention)")
     ap.add_argument("--plot", type=Path, default=Path("docs/stability.png"))
@@ -178,15 +187,17 @@ def main() -> None:
 
         print(f"\nreal activations from {args.store} (first {args.store_rows} rows of each input), "
               f"rank for --ratio {args.ratio}\n")
-        print("| input | consumer | cond(X) | " + " | ".join(names) + " |")
-        print("|---|---|---:|" + "---:|" * len(names))
+        print("| input (read by) | cond(X) | " + " | ".join(names) + " |")
+        print("|---|---:|" + "---:|" * len(names))
         for name, consumer, X, W in real_inputs(args.store, args.model_dir, args.store_inputs, args.store_rows):
             rank = rank_for_ratio(*W.shape, args.ratio)
             s = torch.linalg.svdvals(X)
             cond = float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
             res = methods(X, W, rank, args.block)
             real.append({"input": name, "consumer": consumer, "cond": cond, **res})
-            print(f"| {name} | {consumer} | {cond:.1e} | " + " | ".join(_fmt(res[k]) for k in names) + " |")
+            readers = "/".join(c.rsplit(".", 1)[1] for c in store_consumers(args.store, name))
+            print(f"| {name.rsplit('.', 1)[0]} ({readers}) | {cond:.1e} | "
+                  + " | ".join(_fmt(res[k]) for k in names) + " |")
 
     if args.json:
         args.json.write_text(json.dumps({"synthetic": synth, "real": real, "args": vars(args)},
