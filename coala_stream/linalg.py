@@ -34,8 +34,9 @@ def fold_r(
     """Fold row blocks of X into the triangular factor R (sequential TSQR).
 
     ``R <- qr([R; X_i]).R`` for each block. Short blocks are grouped so every
-    QR sees at least n new rows (a fold costs about 2 (t + n) n^2 flops for t
-    new rows: t << n wastes most of it on re-factoring R).
+    QR sees at least n new rows (a QR of the stack costs about 2 (t + n) n^2
+    flops for t new rows, so t << n wastes most of it on re-factoring R; the
+    CPU panel path of ``fold_block`` costs 2 t n^2 plus a per-fold overhead).
 
     Args:
         blocks: 2-D tensors (t_i x n) of any float dtype; upcast to ``dtype``
@@ -82,9 +83,23 @@ def fold_r(
 def fold_block(R: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor:
     """One TSQR step: the canonical R of [R; X]. No checks: callers validate.
 
-    R and X share dtype (float32/float64) and device. Cost about
-    2 (k + t) n^2 flops for R (k x n) and X (t x n).
+    R and X share dtype (float32/float64) and device. On CPU, once [R; X] has
+    at least n rows and n >= ``_PANELED_MIN_COLUMNS``, R's triangle is not
+    re-factored (``_fold_under_r``): about 2 t n^2 flops for X (t x n), the
+    flops of the Gram update X^T X. Otherwise (CUDA: not measured, and one
+    cuSOLVER geqrf beats the panel loop's many small kernel launches; small n;
+    fewer rows than columns) one Householder QR of the stack, about
+    2 (k + t) n^2 flops for R (k x n).
     """
+    n = X.shape[1]
+    k = 0 if R is None else R.shape[0]
+    if X.device.type == "cpu" and n >= _PANELED_MIN_COLUMNS and k + X.shape[0] >= n:
+        # Long blocks go in row pieces of at least max(_FOLD_ROWS, n) rows: the
+        # flops are the same (2 t n^2 however X is split), but the panel loop
+        # sweeps X once per panel, so a piece should stay in cache.
+        for piece in X.tensor_split(max(1, X.shape[0] // max(_FOLD_ROWS, n))):
+            R = _fold_under_r(R, piece)
+        return _canonical(R)
     stacked = X if R is None else torch.cat([R, X])
     return _canonical(torch.linalg.qr(stacked, mode="r").R)
 
@@ -196,6 +211,81 @@ def rank_for_ratio(m: int, n: int, ratio: float) -> int:
 
 
 # -- helpers -----------------------------------------------------------------
+
+
+# Below this many columns one QR of [R; X] is faster than the panel loop's
+# Python and small-kernel overhead (measured crossover ~256 on a 2-core EPYC).
+_PANELED_MIN_COLUMNS = 256
+# Panel width: wider panels make the trailing GEMMs more efficient, narrower
+# ones shrink the panel QRs (level-2 BLAS) and the V_X^T V_X term (both ~ b/n
+# of the work). 64 measured best or near it for n = 576..4096 (tools/bench_fold.py).
+_PANEL = 64
+# Rows of X per panel fold (see fold_block). n = 576, t = 16384 float32: 1.76x
+# the Gram's time in one piece, 1.4x-1.5x in 4096-row pieces; no change at n = 1536.
+_FOLD_ROWS = 4096
+
+
+def _fold_under_r(R: torch.Tensor | None, X: torch.Tensor, panel: int = _PANEL) -> torch.Tensor:
+    """R of [R; X] (n x n, signs not canonical) without re-factoring R's triangle.
+
+    The triangular-pentagonal QR of LAPACK's tpqrt, in column panels of width
+    b. Needs k + t >= n for R (k x n, upper-trapezoidal, or None) and X (t x n);
+    R is padded with zero rows to n x n, which keeps it triangular.
+
+    For each panel J: a Householder QR (geqrf) of the small stack [R_JJ; X_J]
+    ((b + t) x b). R_JJ is triangular, so the zeros below its diagonal stay
+    exactly zero and reflector i is e_i on the R rows: V = [I; V_X]. Applying
+    Q^T = I - V T^T V^T to the trailing columns [R_J,rest; X_rest] then only
+    touches R's b panel rows and X's t rows (never R's other rows), with two
+    GEMMs: 2 t n^2 flops in all instead of 2 (n + t) n^2 for a QR of the stack.
+    Every step is an orthogonal transformation of the data: no X^T X, no
+    Cholesky, so the backward stability of Householder QR is kept.
+
+    T comes from T^-1 = triu(V^T V, 1) + diag(1 / tau) (Puglisi 1992; Joffrain
+    et al., "Accumulating Householder transformations, revisited", 2006) where
+    V^T V = I + V_X^T V_X; V_X^T V_X comes out of the same GEMM as V_X^T X_rest.
+    """
+    t, n = X.shape
+    b = min(panel, n)
+    Rw = X.new_zeros(n, n)
+    if R is not None:
+        Rw[: R.shape[0]] = R
+    # Row i of buf is [b scratch entries | column i of X] (a copy we may overwrite).
+    # Panel J's rows buf[J, b - w:] hold [R_JJ; X_J] transposed, so their .T is
+    # the column-major matrix geqrf wants, contiguous for full panels: geqrf then
+    # runs in place (torch's geqrf_out copies input into a Fortran-contiguous
+    # out, a no-op here; otherwise, for the last panel, it works on a copy and
+    # writes back), leaving V_X^T where X_J^T was.
+    buf = X.new_empty(n, b + t)
+    buf[:, b:] = X.T
+    Xt = buf[:, b:]
+    tau_buf = X.new_empty(b)
+    eye = torch.eye(b, dtype=X.dtype, device=X.device)
+    for j in range(0, n, b):
+        e = min(j + b, n)
+        w = e - j
+        P = buf[j:e, b - w:].T
+        P[:w] = Rw[j:e, j:e]
+        tau = tau_buf[:w]
+        torch.geqrf(P, out=(P, tau))
+        Rw[j:e, j:e] = P[:w].triu()
+        if e == n:
+            break
+        Vt = Xt[j:e]  # V_X^T
+        Y = Vt @ Xt[j:].T  # [V_X^T V_X | V_X^T X_rest]
+        Tinv = Y[:, :w].triu(1)
+        # tau_i = 0: reflector i is the identity (nothing left below the diagonal
+        # in column i, e.g. rank-deficient X) and V_X's column i is exactly 0, so
+        # row and column i of T^-1 are 0 off the diagonal: put 1 there to keep
+        # it invertible, then T_ii = tau_i = 0 drops the reflector (T's diagonal
+        # is 1 / diag(T^-1) = tau, so copying tau in changes nothing else).
+        Tinv.diagonal().copy_(torch.where(tau == 0, 1.0, tau).reciprocal())
+        T = torch.linalg.solve_triangular(Tinv, eye[:w, :w], upper=True)  # w x w: cheaper than a
+        T.diagonal().copy_(tau)  # triangular solve with the w x (n - e) right-hand side
+        W = T.T @ Y[:, w:].add_(Rw[j:e, e:])  # W = T^T V^T [R_J,rest; X_rest]
+        Rw[j:e, e:] -= W
+        Xt[e:].addmm_(W.T, Vt, alpha=-1.0)  # X_rest -= V_X W
+    return Rw
 
 
 def _canonical(R: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from coala_stream.linalg import (
+    _PANELED_MIN_COLUMNS,
+    _canonical,
+    _fold_under_r,
     coala_factors,
+    fold_block,
     coala_svd,
     fold_r,
     merge_r,
@@ -91,6 +95,150 @@ def test_float32_fold_matches_float64_reference_on_ill_conditioned_input():
     X = spectrum_matrix(2000, 64, log_spectrum(64, 1e6)).float()
     R = fold_r(X.split(300), dtype=torch.float32)
     assert gram_error(R, X) < 1e-6  # backward stable: error ~ eps, not eps * cond^2
+
+
+# -- the panel fold under R (CPU fold_block for n >= _PANELED_MIN_COLUMNS) -------
+
+
+def stacked_reference(R, X):
+    """Canonical R of [R; X] from a float64 Householder QR of the stack."""
+    S = X.to(F64) if R is None else torch.cat([R.to(F64), X.to(F64)])
+    R_ref = torch.linalg.qr(S, mode="r").R
+    return _canonical(R_ref), S
+
+
+def old_fold(R, X):
+    """fold_block before the panel path: one QR of the stack, in X's dtype."""
+    return _canonical(torch.linalg.qr(X if R is None else torch.cat([R, X]), mode="r").R)
+
+
+def previous_r(k, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return old_fold(None, torch.randn(max(k, 1) + 3, n, generator=g, dtype=F64))[:k].to(dtype)
+
+
+TOL = {torch.float32: 2e-6, F64: 1e-13}
+
+# (n, t, k, panel): t < n, t = n, t >> n under an existing R (k = n); R = None;
+# a trapezoidal R (k < n, k + t >= n); n not a multiple of the panel; panel >= n.
+PANEL_CASES = [
+    (40, 10, 40, 8),
+    (40, 40, 40, 8),
+    (40, 400, 40, 8),
+    (45, 300, None, 8),
+    (45, 45, None, 16),
+    (50, 20, 35, 16),
+    (67, 130, 67, 16),
+    (30, 50, 30, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n, t, k, panel", PANEL_CASES)
+def test_panel_fold_matches_float64_reference(n, t, k, panel, dtype):
+    g = torch.Generator().manual_seed(n + t)
+    X = (torch.randn(t, n, generator=g, dtype=F64) * torch.logspace(0, 2, n, dtype=F64)).to(dtype)
+    R = None if k is None else previous_r(k, n, dtype, seed=k)
+    X_before = X.clone()
+    R_new = _canonical(_fold_under_r(R, X, panel))
+    R_ref, S = stacked_reference(R, X)
+    assert torch.equal(X, X_before)  # the caller's block is not overwritten
+    assert R_new.shape == (n, n) and R_new.dtype == dtype
+    assert torch.equal(R_new, torch.triu(R_new))
+    assert bool((torch.diagonal(R_new) >= 0).all())
+    assert gram_error(R_new, S) < TOL[dtype]
+    # Same canonical R as the old path, to rounding (R is unique for full-rank [R; X]).
+    scale = float(R_ref.abs().max())
+    torch.testing.assert_close(R_new.to(F64), R_ref, rtol=0, atol=50 * TOL[dtype] * scale)
+    torch.testing.assert_close(R_new, old_fold(R, X), rtol=0, atol=50 * TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype, cond, tol", [(F64, 1e6, 1e-13), (torch.float32, 1e3, 2e-6), (torch.float32, 1e6, 2e-6)])
+def test_panel_fold_is_backward_stable_on_ill_conditioned_input(dtype, cond, tol):
+    n = 72
+    X = spectrum_matrix(900, n, log_spectrum(n, cond), seed=4)
+    R = None
+    for block in X.to(dtype).split(300):  # R = None first, then folds under an existing R
+        R = _canonical(_fold_under_r(R, block, 16))
+    assert gram_error(R, X.to(dtype)) < tol  # backward stable: error ~ eps, whatever cond(X)
+
+
+@pytest.mark.parametrize("cond", [1e3, 1e5, 1e7])
+def test_float32_panel_fold_keeps_coala_within_0p1_percent_of_float64_optimum(cond):
+    """The accuracy that matters downstream: float32 R from the panel path, then COALA."""
+    n, r = 64, 16
+    X = spectrum_matrix(1024, n, log_spectrum(n, cond), seed=int(math.log10(cond)))
+    W = torch.randn(96, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    A64, B64 = coala_factors(W, fold_r([X], dtype=F64), r)
+    R32 = None
+    for block in X.float().split(200):
+        R32 = _canonical(_fold_under_r(R32, block, 16))
+    A32, B32 = coala_factors(W.float(), R32, r)
+    assert objective(X, W, A32, B32) <= objective(X, W, A64, B64) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_panel_fold_handles_rank_deficient_blocks(dtype):
+    g = torch.Generator().manual_seed(8)
+    n = 50
+    X = torch.randn(200, 6, generator=g, dtype=F64) @ torch.randn(6, n, generator=g, dtype=F64)
+    X[:, [3, 17, 40]] = 0.0  # exactly zero columns: reflectors with tau = 0
+    X[:, 21] = X[:, 20]  # a repeated column
+    X = X.to(dtype)
+    R = _canonical(_fold_under_r(None, X, 16))
+    assert bool(torch.isfinite(R).all())
+    assert gram_error(R, X) < TOL[dtype]
+    zeros = torch.zeros(120, n, dtype=dtype)  # an all-zero block leaves R unchanged
+    torch.testing.assert_close(_canonical(_fold_under_r(R, zeros, 16)), R, rtol=0, atol=0)
+    R_lowrank = previous_r(n, n, dtype, seed=1)[:4]  # trapezoidal R of rank 4, then X
+    R2 = _canonical(_fold_under_r(R_lowrank, X, 16))
+    assert gram_error(R2, torch.cat([R_lowrank, X])) < TOL[dtype]
+
+
+def test_fold_block_takes_the_panel_path_on_cpu_for_wide_inputs():
+    n = _PANELED_MIN_COLUMNS + 5
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(2 * n + 7, n, generator=g, dtype=F64)
+    R = fold_block(None, X[: n + 3])
+    R = fold_block(R, X[n + 3 :])
+    torch.testing.assert_close(fold_block(previous_r(n, n, F64, 2), X), _canonical(_fold_under_r(previous_r(n, n, F64, 2), X)),
+                               rtol=0, atol=0)
+    assert R.shape == (n, n) and bool((torch.diagonal(R) >= 0).all())
+    assert gram_error(R, X) < 1e-13
+    few = fold_block(None, X[:10])  # fewer rows than columns: the plain QR, trapezoidal R
+    assert few.shape == (10, n) and gram_error(few, X[:10]) < 1e-13
+    merged = merge_r(fold_r([X[:n]], dtype=F64), fold_r([X[n:]], dtype=F64))
+    assert gram_error(merged, X) < 1e-13
+
+
+def test_fold_block_folds_long_blocks_in_row_pieces(monkeypatch):
+    import coala_stream.linalg as linalg
+
+    n = _PANELED_MIN_COLUMNS + 1
+    monkeypatch.setattr(linalg, "_FOLD_ROWS", 10)  # pieces of >= n rows: 3 here
+    X = torch.randn(3 * n + 50, n, generator=torch.Generator().manual_seed(10), dtype=F64)
+    R0 = previous_r(n // 2, n, F64, 4)  # trapezoidal R: the first piece pads it
+    R = fold_block(R0, X)
+    R_ref, S = stacked_reference(R0, X)
+    assert R.shape == (n, n) and gram_error(R, S) < 1e-13
+    torch.testing.assert_close(R, R_ref, rtol=0, atol=1e-12 * float(R_ref.abs().max()))
+    assert gram_error(fold_block(None, X), X) < 1e-13
+
+
+def test_fold_r_streams_float32_through_the_panel_path():
+    n = _PANELED_MIN_COLUMNS
+    X = spectrum_matrix(3 * n, n, log_spectrum(n, 1e4), seed=3).float()
+    R = fold_r(X.split(n // 2 + 1), dtype=torch.float32)
+    assert R.shape == (n, n)
+    assert gram_error(R, X) < 2e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fold_block_on_cuda_matches_cpu():
+    n = _PANELED_MIN_COLUMNS + 5
+    X = torch.randn(2 * n, n, dtype=F64)
+    R = previous_r(n, n, F64, 3)
+    torch.testing.assert_close(fold_block(R.cuda(), X.cuda()).cpu(), fold_block(R, X), rtol=1e-12, atol=1e-12)
 
 
 # -- merge_r ------------------------------------------------------------------
