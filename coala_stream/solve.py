@@ -44,7 +44,6 @@ from .linalg import coala_factors, coala_svd, rank_for_ratio, tail_energy
 
 METHODS = ("coala", "svd", "svdllm", "asvd")
 ALLOCATIONS = ("uniform", "global")
-COND_SVD_MAX_N = 4096  # above this, cond(R) is estimated from diag(R) instead of its singular values
 
 
 @dataclass
@@ -252,18 +251,36 @@ def allocate_global(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], 
     return ranks
 
 
-def cond_estimate(R: torch.Tensor) -> tuple[float, str]:
-    """Condition number of R (= sqrt(cond(X^T X))): exact from its singular values for n <=
-    COND_SVD_MAX_N, else max|diag R| / min|diag R| (a lower bound). inf if R has fewer rows
-    than columns (fewer tokens than features) or a zero singular value."""
+def cond_estimate(R: torch.Tensor, iterations: int = 30) -> tuple[float, str]:
+    """Estimate of cond(R) (= cond(X), the square root of cond(X^T X)), in O(n^2) per step.
+
+    sigma_max by power iteration on R^T R, sigma_min by inverse iteration with two
+    triangular solves per step (R is square upper-triangular here, checked to have no
+    zero on its diagonal first), both from a fixed start in float64, so the figure is
+    deterministic; it is a lower bound that is close for the spread spectra of real
+    activations. An exact SVD of R (O(n^3)) cost more than the factors of the layer.
+    inf if R has fewer rows than columns (fewer tokens than features), a zero pivot,
+    or a smallest singular value below float64 range.
+    """
     k, n = R.shape
     if k < n:
         return math.inf, "rows<n"
-    if n <= COND_SVD_MAX_N:
-        s = torch.linalg.svdvals(R.to(torch.promote_types(R.dtype, torch.float32)))
-        return (float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf), "svd"
-    d = torch.diagonal(R).abs()
-    return (float(d.max() / d.min()) if float(d.min()) > 0 else math.inf), "diag"
+    Rd = R[:n].to(torch.float64)
+    if not bool((torch.diagonal(Rd) != 0).all()):
+        return math.inf, "singular"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(n, 1, generator=g, dtype=torch.float64).to(Rd.device)
+    w = v.clone()
+    for _ in range(iterations):
+        v = Rd.T @ (Rd @ v)
+        v = v / torch.linalg.norm(v)
+        y = torch.linalg.solve_triangular(Rd.T, w, upper=False)
+        w = torch.linalg.solve_triangular(Rd, y, upper=True)
+        w = w / torch.linalg.norm(w)
+        if not bool(torch.isfinite(w).all()):
+            return math.inf, "est"
+    s_max, s_min = float(torch.linalg.norm(Rd @ v)), float(torch.linalg.norm(Rd @ w))
+    return (s_max / s_min if s_min > 0 else math.inf), "est"
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -432,13 +449,16 @@ class _Reader:
     def __init__(self, store, device):
         self.store, self.device = store, device
         self.name, self.value, self.cond = None, None, None
+        self._conds: dict[str, tuple[float, str]] = {}  # layers sharing an input may not be adjacent
 
     def get(self, name: str):
         if name != self.name:
             self.value = None  # free the previous R first
             reduced = self.store.factor(name)
             reduced.R = reduced.R.to(self.device)
-            self.name, self.value, self.cond = name, reduced, cond_estimate(reduced.R)
+            if name not in self._conds:
+                self._conds[name] = cond_estimate(reduced.R)
+            self.name, self.value, self.cond = name, reduced, self._conds[name]
         return self.value
 
 
@@ -453,6 +473,34 @@ def uniform_ranks(layers: list[Layer], config: SolveConfig) -> list[int]:
         else:
             ranks.append(rank_for_ratio(layer.m, layer.n, config.ratio))
     return ranks
+
+
+def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
+                  device: torch.device) -> dict[str, dict]:
+    """The factors `run_solve` computes for ``layers`` with uniform ranks, outside a solve run
+    (``capture --sequential --propagate`` compresses each block with it as it goes).
+
+    ``weight(module name)`` gives W as the source checkpoint stores it, ``reduced(input
+    name)`` the input's ReducedInput. Sets each ``layer.rank`` (`uniform_ranks`); returns
+    {module name: `solve_layer` result} for the layers solve compresses: all with
+    ``format="peft"``, else those whose rank saves parameters (the others stay dense).
+    W and R go to ``device`` as in `run_solve`, so the same inputs give the same factors.
+    """
+    peft = config.format == "peft"
+    for layer, r in zip(layers, uniform_ranks(layers, config)):
+        layer.rank = r
+    out: dict[str, dict] = {}
+    cache: dict[str, object] = {}
+    for layer in layers:
+        if not (peft or layer.saves_parameters()):
+            continue
+        if layer.input not in cache:
+            red = reduced(layer.input)
+            red.R = red.R.to(device)
+            cache[layer.input] = red
+        out[layer.name] = solve_layer(weight(layer.name).to(device), cache[layer.input],
+                                      layer.rank, config)
+    return out
 
 
 def choose_ranks(layers, uniform, config, source, reader, progress) -> dict:

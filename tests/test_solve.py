@@ -11,6 +11,7 @@ are ill-conditioned; errors leave nothing behind.
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import os
 import shutil
@@ -344,3 +345,28 @@ def test_config_validation():
         SolveConfig(out="x", ratio=0.2, adaptive_mu=True).validate()
     with pytest.raises(UsageError, match="method"):
         SolveConfig(out="x", ratio=0.2, method="magic").validate()
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e8])
+def test_cond_estimate_is_close_to_the_exact_condition_number(cond):
+    from coala_stream.solve import cond_estimate
+
+    g = torch.Generator().manual_seed(1)
+    n = 200
+    U, _ = torch.linalg.qr(torch.randn(400, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    X = (U * torch.logspace(0, -math.log10(cond), n, dtype=torch.float64)) @ V.T
+    R = torch.linalg.qr(X, mode="r").R.float()
+    s = torch.linalg.svdvals(R.double())
+    exact = float(s[0] / s[-1])
+    est, how = cond_estimate(R)
+    assert how == "est" and exact / 1.5 <= est <= exact * 1.0001
+
+
+def test_cond_estimate_of_short_or_singular_r_is_inf():
+    from coala_stream.solve import cond_estimate
+
+    assert cond_estimate(torch.ones(3, 5).triu()) == (math.inf, "rows<n")
+    R = torch.eye(4)
+    R[2, 2] = 0
+    assert cond_estimate(R) == (math.inf, "singular")
