@@ -189,6 +189,25 @@ def coala_factors(
     return (A, B, S) if return_singular_values else (A, B)
 
 
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product A @ B with the singular values split evenly between the factors.
+
+    COALA's factors put all the scale in B (A = U_r has orthonormal columns). For
+    LoRA training both factors should carry sqrt(S), as PiSSA's do: with A = Q P
+    (QR of A) and P B = U S V^T, returns (Q U S^1/2, S^1/2 V^T). Costs one QR of
+    A (m x r) and one SVD of an r x n matrix; no inverse.
+    """
+    _check_matrix("A", A)
+    _check_matrix("B", B)
+    if A.shape[1] != B.shape[0]:
+        raise UsageError(f"B: expected {A.shape[1]} rows to match A's columns, got {B.shape[0]}")
+    dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
+    Q, P = torch.linalg.qr(A.to(dtype))
+    U, S, Vh = torch.linalg.svd(P @ B.to(dtype), full_matrices=False)
+    root = S.sqrt()
+    return (Q @ U) * root, root.unsqueeze(1) * Vh
+
+
 def tail_energy(S: torch.Tensor) -> torch.Tensor:
     """E[r] = sum_{i >= r} S_i^2 for r = 0..len(S): the squared error of each rank.
 

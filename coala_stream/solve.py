@@ -40,7 +40,7 @@ from . import export, models
 from ._version import __version__
 from .baselines import NumericalFallbackWarning, asvd_factors, svd_factors, svdllm_factors
 from .errors import CheckpointMismatch, CoalaError, StoreError, UsageError
-from .linalg import coala_factors, coala_svd, rank_for_ratio, tail_energy
+from .linalg import balance_factors, coala_factors, coala_svd, rank_for_ratio, tail_energy
 
 METHODS = ("coala", "svd", "svdllm", "asvd")
 ALLOCATIONS = ("uniform", "global")
@@ -171,6 +171,8 @@ def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
     else:
         abs_mean = reduced.abs_sum.to(torch.float64) / max(int(reduced.tokens), 1)
         A, B = asvd_factors(W, abs_mean.to(W.device), rank, alpha=config.asvd_alpha)
+    if config.format == "peft":
+        A, B = balance_factors(A, B)  # LoRA trains best with sqrt(S) on each side, as PiSSA's
     out.update(A=A, B=B, rel_error=relative_error(W, A, B, R), spectrum=spectrum)
     return out
 

@@ -390,3 +390,20 @@ GOOD_R = torch.eye(4)
 def test_bad_input_raises_value_error_naming_the_argument(call, word):
     with pytest.raises(ValueError, match=word.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_balance_factors_keeps_the_product_and_splits_the_scale(dtype):
+    from coala_stream.linalg import balance_factors
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, 40, generator=g, dtype=torch.float64)
+    X = torch.randn(100, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 40, dtype=torch.float64)
+    A, B = coala_factors(W.to(dtype), fold_r([X], dtype=dtype), 8)
+    A2, B2 = balance_factors(A, B)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert ((A2 @ B2 - A @ B).norm() / (A @ B).norm()).item() < tol
+    # both sides carry sqrt(S): A2^T A2 = B2 B2^T = diag(S)
+    S = torch.linalg.svdvals((A @ B).double())[:8]
+    torch.testing.assert_close((A2.T @ A2).double(), torch.diag(S), rtol=tol * 10, atol=tol * 10 * S[0].item())
+    torch.testing.assert_close((B2 @ B2.T).double(), torch.diag(S), rtol=tol * 10, atol=tol * 10 * S[0].item())

@@ -149,6 +149,11 @@ def test_peft_adapter_reproduces_the_original_logits(base, formats):
     cfg = json.loads((out / "adapter" / export.ADAPTER_CONFIG).read_text())
     ranks = {r["module"]: r["rank"] for r in report["layers"]}
     assert {name: cfg["rank_pattern"].get(name, cfg["r"]) for name in cfg["target_modules"]} == ranks
+    # PiSSA-style balance: lora_B^T lora_B = lora_A lora_A^T = diag(S), not all scale in lora_A
+    for lora in (m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A):
+        a, b = lora.lora_A["default"].weight.double(), lora.lora_B["default"].weight.double()
+        gram_b, gram_a = b.T @ b, a @ a.T
+        torch.testing.assert_close(gram_b, gram_a, rtol=1e-4, atol=1e-5 * gram_a.diagonal().max().item())
 
 
 def test_global_allocation_meets_the_budget_and_never_loses_to_uniform(store, tmp_path):
