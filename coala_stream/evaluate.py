@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import calib, export, models
+from .devices import resolve_device
 from .errors import CoalaError, UsageError
 
 
@@ -163,7 +164,7 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True, **override
     text, source = calib.load_text(config.data)
     net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
     calib.check_seq_len(config.seq_len, models.max_positions(net.config))
-    device = _device(config.device)
+    device = resolve_device(config.device)
     net.to(device)
     res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
                      config.batch_size, progress)
@@ -187,11 +188,3 @@ def _validate(config: EvalConfig) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _device(spec: str) -> torch.device:
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA device is available (use --device cpu)")
-    return dev

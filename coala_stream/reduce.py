@@ -61,6 +61,7 @@ import torch
 
 from . import checkpoint
 from ._version import __version__
+from .devices import resolve_device
 from .errors import CheckpointMismatch, DataError, Interrupted, UsageError
 from .linalg import fold_block, merge_r, prepare_block
 
@@ -132,21 +133,6 @@ class ReduceConfig:
 def config_help(name: str) -> str:
     """The help text of a ReduceConfig field (the CLI uses it, so --help and the code agree)."""
     return next(f.metadata["help"] for f in fields(ReduceConfig) if f.name == name)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda[:N]' -> torch.device; UsageError if unavailable."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"device: expected auto, cpu or cuda[:N], got {spec!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device: expected auto, cpu or cuda[:N], got {spec!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device: 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
-    return device
 
 
 # -- the fold state and its kernel (shared by the local loop and the Dask tasks) ---------
@@ -740,4 +726,4 @@ def _reason(exc: Exception) -> str:
 
 
 __all__ = ["ReduceConfig", "run_reduce", "fold_group", "merge_partials", "plan_groups",
-           "group_chunks", "ChunkPrefetcher", "Partial", "config_help", "resolve_device"]
+           "group_chunks", "ChunkPrefetcher", "Partial", "config_help"]

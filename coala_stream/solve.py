@@ -39,6 +39,7 @@ import torch
 from . import export, models
 from ._version import __version__
 from .baselines import NumericalFallbackWarning, asvd_factors, svd_factors, svdllm_factors
+from .devices import resolve_device
 from .errors import CheckpointMismatch, CoalaError, StoreError, UsageError
 from .linalg import balance_factors, coala_factors, coala_svd, rank_for_ratio, tail_energy
 
@@ -109,7 +110,7 @@ class SolveConfig:
                 re.compile(self.layers)
             except re.error as exc:
                 raise UsageError(f"--layers {self.layers!r} is not a valid regular expression: {exc}") from exc
-        _device(self.device)
+        resolve_device(self.device)
 
 
 def config_help(name: str) -> str:
@@ -314,7 +315,7 @@ def run_solve(store_path, config: SolveConfig, progress: bool = True) -> dict:
         with export.staging_dir(out, config.overwrite) as stage:
             source = open_source(spec, model_config, stage, notes, say)
             _check_weights(source, layers)
-            device = _device(config.device)
+            device = resolve_device(config.device)
             reader = _Reader(store, device)
             uniform = uniform_ranks(layers, config)
             allocation = choose_ranks(layers, uniform, config, source, reader, progress)
@@ -610,16 +611,6 @@ def _section(store, spec, config, allocation) -> dict:
 
 def _jsonable(row: dict) -> dict:
     return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-
-
-def _device(spec: str) -> torch.device:
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {spec!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA device is available (use --device cpu)")
-    return dev
 
 
 def format_table(report: dict) -> str:
