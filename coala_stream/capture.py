@@ -96,10 +96,50 @@ class CaptureConfig:
         "help": "with --sequential: the work directory for the hidden states between blocks "
                 "(two arrays of samples x seq_len x hidden) and the progress record; deleted "
                 "when the capture completes; default: OUT.sequential next to the store"})
+    propagate: bool = field(default=False, metadata={
+        "help": "with --sequential: capture each block's inputs from the already compressed "
+                "blocks before it (as SVD-LLM's parameter update and sequential GPTQ do): after "
+                "block k's inputs are captured they are reduced, block k is compressed with "
+                "--ratio/--rank, --method, --mu (as `coala-stream solve` computes it from this "
+                "store) and the compressed block's outputs become block k+1's inputs. Block-level: "
+                "the inputs inside block k (o_proj, down_proj) come from block k uncompressed. "
+                "The store ends reduced; solve it with the same --ratio/--rank, --method, --mu"})
+    ratio: float | None = field(default=None, metadata={
+        "help": "with --propagate: fraction of each compressed matrix's parameters to remove, "
+                "in (0, 1), as solve's --ratio (0.2 keeps 80 percent)"})
+    rank: int | None = field(default=None, metadata={
+        "help": "with --propagate: fixed rank for every layer instead of --ratio, as solve's --rank"})
+    method: str = field(default="coala", metadata={
+        "help": "with --propagate: coala | svd | svdllm | asvd, as solve's --method"})
+    mu: float = field(default=0.0, metadata={
+        "help": "with --propagate: relative regularisation (coala only), as solve's --mu"})
 
     def __post_init__(self):
         if not isinstance(self.model, models.ModelSpec):
             self.model = models.ModelSpec.from_args(self.model)
+
+    def propagate_settings(self) -> dict | None:
+        """The compression --propagate applies ({method, ratio, rank, mu}), None without it;
+        UsageError for a combination that makes no sense (checked before anything loads)."""
+        if not self.propagate:
+            given = [flag for flag, value, default in (
+                ("--ratio", self.ratio, None), ("--rank", self.rank, None),
+                ("--method", self.method, "coala"), ("--mu", self.mu, 0.0)) if value != default]
+            if given:
+                raise UsageError(f"{', '.join(given)}: only used with --sequential --propagate "
+                                 f"(compression while capturing); give "
+                                 f"{'it' if len(given) == 1 else 'them'} to `coala-stream solve` "
+                                 f"instead, or add --sequential --propagate")
+            return None
+        if not self.sequential:
+            raise UsageError("--propagate works block by block: add --sequential "
+                             "(capture --sequential --propagate --ratio F)")
+        from .solve import SolveConfig
+
+        SolveConfig(out="-", method=self.method, ratio=self.ratio, rank=self.rank,
+                    mu=self.mu).validate()  # solve's own checks and messages
+        return {"method": self.method, "ratio": None if self.ratio is None else float(self.ratio),
+                "rank": self.rank, "mu": float(self.mu)}
 
     def resolved_chunk_tokens(self) -> int:
         if self.chunk_tokens is None:
@@ -365,6 +405,9 @@ _HARD_SETTINGS = (
     ("dtype", ("dtype",)),
     ("chunk_tokens", ("chunk_tokens",)),
     ("layers", ("capture_settings", "layers")),
+    # --propagate makes other activations (from compressed blocks) and another store:
+    # None for an ordinary capture, so the two never resume or stand in for each other
+    ("propagate", ("capture_settings", "propagate")),
 )
 
 
@@ -396,7 +439,8 @@ def _store_attrs(config: CaptureConfig, cfg, tokenizer, cal: calib.Calibration, 
         "chunk_tokens": chunk_tokens,
         "capture": {"samples_done": 0, "complete": False},
         "capture_settings": {"layers": config.layers, "batch_size": batch_size,
-                             "device": str(device), "probe_crc32": None},
+                             "device": str(device), "probe_crc32": None,
+                             "propagate": config.propagate_settings()},
     }
 
 
@@ -472,6 +516,7 @@ class _Plan:
 def _plan(config: CaptureConfig) -> _Plan:
     if config.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {config.samples}")
+    config.propagate_settings()  # usage errors before anything is loaded
     calib.check_seq_len(config.seq_len, None)
     chunk_tokens, batch_size = config.resolved_chunk_tokens(), config.resolved_batch_size()
     backend, device = config.resolved_backend(), config.resolved_device()

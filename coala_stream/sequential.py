@@ -45,11 +45,57 @@ a block, the store's committed chunks of its inputs and the output array's
 only if their output was not written, and capture nothing twice. The store's
 root ``capture.samples_done`` stays 0 until the final commit (it counts samples
 committed for *every* input); each input's ``committed_tokens`` shows progress.
+
+Propagation (``--propagate``, with ``--ratio F`` or ``--rank N``, ``--method``, ``--mu``):
+each block is compressed as soon as its inputs are known, and the blocks after it
+see the activations of the compressed model (the idea of SVD-LLM's parameter
+update and of sequential GPTQ). Block k then takes these steps:
+
+1. *capture pass*: all samples through block k as it is (uncompressed), on the
+   hidden states the compressed blocks 0..k-1 produced; its inputs go to the store
+   as above (the last, partial chunk to ``pending/``); the forward stops after the
+   last hooked linear;
+2. *reduce*: ``reduce.run_reduce`` on the store, restricted to block k's inputs (so
+   it takes the store's reduce lock, and a concurrent ``coala-stream reduce`` is
+   refused), folds their committed chunks into ``reduce/<input>.safetensors``; the
+   pending partial chunk is folded in memory on top, exactly as the final reduce
+   will fold it (one more group after a complete result: reduce's "extended");
+3. *solve*: ``solve.factor_layers`` (the code of ``coala-stream solve`` with uniform
+   ranks: same ranks, same absolute mu, same kept-dense rule) gives A, B for every
+   linear of block k from W as the checkpoint stores it and that R;
+4. *propagation pass*: each linear's weight becomes ``(A @ B).to(W.dtype)`` (what
+   ``solve --format dense`` writes) and all samples go through the compressed block;
+   its outputs are block k+1's input (the ping-pong array, as above). The last
+   block has no propagation pass.
+
+After the final commit the whole store is reduced (each input's partial chunk is
+folded onto its result), so ``coala-stream solve STORE`` with the same ``--ratio``
+/ ``--rank``, ``--method``, ``--mu`` and ``--device`` (default cpu: capture on the
+same device) computes the very factors used here. The settings are recorded in
+the store's ``capture_settings.propagate`` and compared like the other capture
+settings, so an ordinary store and a propagated one never resume or stand in for
+each other. Later reduce settings other than the defaults (``--dtype float64``,
+``--with-gram``, ``--group-rows``) need ``reduce --restart`` and give a slightly
+different R; ``solve --allocate global`` or ``--layers`` compress otherwise than
+the propagation assumed.
+
+Block-level, not layer-level: the inputs of o_proj and down_proj inside block k are
+captured with block k uncompressed (only blocks 0..k-1 are compressed). The strict
+sequential-GPTQ order (q/k/v compressed before capturing o_proj's input, ...) would
+need one pass per group of linears in every block; the block-level order needs two
+passes per block (capture, propagate).
+
+Resume: ``progress.json`` also records ``captured`` (the block whose capture pass
+is done); reduce resumes from its own checkpoints, the factors are recomputed
+(deterministic), and the propagation pass continues after the output rows written.
+A killed run rerun with the same command gives the same store and reduce results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -399,10 +445,16 @@ def default_hidden_dir(out: str) -> Path:
 def run_sequential(config: CaptureConfig, plan: _Plan, state: str | None, summary: dict, say,
                    progress: bool, t0: float) -> dict:
     """`capture.run_capture` with ``config.sequential``; same summary keys plus
-    ``blocks`` (blocks run) and ``block_before`` (the block a resumed run started at)."""
+    ``blocks`` (blocks run) and ``block_before`` (the block a resumed run started at);
+    with ``--propagate``, ``propagate``: the settings (method, ratio, rank, mu) and, for
+    a run that got to the end, ``compressed_layers``, ``reduce_seconds``, ``solve_seconds``
+    (this run's)."""
     work = WorkDir(Path(config.hidden_dir) if config.hidden_dir else default_hidden_dir(config.out),
                    config.samples, config.seq_len, plan.dtype)
+    propagate = plan.attrs["capture_settings"].get("propagate")
     if state == "complete":
+        if propagate:  # a run killed between the final commit and the final reduce
+            _reduce(config, plan, None)
         work.remove()
         summary.update(status="already complete", samples_before=config.samples, raw_bytes=0,
                        seconds=time.perf_counter() - t0)
@@ -410,6 +462,8 @@ def run_sequential(config: CaptureConfig, plan: _Plan, state: str | None, summar
     if state is None:
         work.reset()  # refuses a foreign directory before the store is replaced
     plan.attrs["capture_settings"]["sequential"] = True
+    if propagate:
+        summary["propagate"] = dict(propagate)
     say(f"loading {config.model.describe()} block by block ({plan.dtype}, {plan.device}) ...")
     bm = BlockModel(config.model, plan.model_config, plan.dtype, plan.device, progress, say)
     targets = bm.block_targets(config.layers)
@@ -434,7 +488,8 @@ def run_sequential(config: CaptureConfig, plan: _Plan, state: str | None, summar
                                                  else "the final commit"))
         with _signals_as_interrupt():
             try:
-                sizes = _run_blocks(bm, store, work, rec, targets, last, plan, config, progress, say)
+                sizes = _run_blocks(bm, store, work, rec, targets, last, plan, config, progress, say,
+                                    summary)
             except _Signalled as sig:
                 raise Interrupted(f"capture interrupted by {sig.args[0]}; {store.path} keeps every "
                                   f"committed chunk: rerun the same command to resume") from None
@@ -463,15 +518,20 @@ def _open_store(config: CaptureConfig, plan: _Plan, state: str | None):
 
 
 def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, last: int,
-                plan: _Plan, config: CaptureConfig, progress: bool, say) -> dict:
+                plan: _Plan, config: CaptureConfig, progress: bool, say, summary: dict) -> dict:
     from tqdm.auto import tqdm
 
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
     ids = plan.cal.ids
     raw = 0
-    bar = tqdm(total=(last + 2) * samples, initial=(rec["next_block"] + (rec["src"] is not None))
-               * samples, unit="sample", desc="capture --sequential",
+    propagate = plan.attrs["capture_settings"].get("propagate")
+    passes = 2 if propagate else 1  # per block but the last: capture (+ propagate)
+    done_passes = (rec["src"] is not None) + passes * rec["next_block"] \
+        + (propagate is not None and rec.get("captured") == rec["next_block"])
+    bar = tqdm(total=(1 + passes * last + 1) * samples, initial=done_passes * samples,
+               unit="sample", desc="capture --sequential" + (" --propagate" if propagate else ""),
                disable=None if progress else True, dynamic_ncols=True)
+    timing = {"reduce_seconds": 0.0, "solve_seconds": 0.0, "compressed_layers": 0}
     try:
         if rec["src"] is None:  # embeddings -> array a
             bar.set_postfix_str("embeddings", refresh=False)
@@ -488,15 +548,25 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
             src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
             bm.load_block(k)
             try:
-                raw += _capture_block(bm, k, store, work, src, dst, targets.get(k, []), k == last,
-                                      rec, plan, config, bar, say)
+                if not propagate:
+                    raw += _capture_block(bm, k, store, work, src, dst, targets.get(k, []),
+                                          k != last, rec, plan, config, bar, say)
+                else:
+                    raw += _propagate_block(bm, k, store, work, src, dst, targets.get(k, []),
+                                            k == last, rec, plan, config, bar, say, timing)
             finally:
                 bm.free_block(k)
             rec.update(next_block=k + 1, src=rec["src"] if k == last else dst)
+            rec.pop("captured", None)
             work.write_progress(rec)  # after dst's count: the next block may start
         bar.set_postfix_str("final commit", refresh=False)
         names, last_raw = _finish(store, work, samples, seq_len)
         raw += last_raw
+        if propagate:  # every input's last, partial chunk onto its result: the store is reduced
+            t = time.perf_counter()
+            _reduce(config, plan, None)
+            timing["reduce_seconds"] += time.perf_counter() - t
+            summary["propagate"].update(timing)
         bar.update(bar.total - bar.n)
     finally:
         bar.close()
@@ -507,9 +577,12 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
 
 
 def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: str,
-                   targets: list, is_last: bool, rec: dict, plan: _Plan, config: CaptureConfig,
+                   targets: list, write_output: bool, rec: dict, plan: _Plan, config: CaptureConfig,
                    bar, say) -> int:
-    """All samples through block ``k`` (loaded), capturing its inputs; returns raw bytes written."""
+    """All samples through block ``k`` (loaded), capturing the inputs of ``targets`` and,
+    with ``write_output``, writing its outputs to ``dst`` (without, the forward stops after
+    the last hooked linear); returns raw bytes written. Resumes after the committed chunks
+    and the output rows written (by an earlier run)."""
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
     dtype = getattr(torch, plan.dtype)
     groups: list[InputGroup] = []
@@ -538,12 +611,12 @@ def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: 
     if not groups:
         cap_start = samples
     out_block, out_rows = work.state(dst)
-    done_out = samples if is_last else (out_rows if out_block == k else 0)
+    done_out = samples if not write_output else (out_rows if out_block == k else 0)
     start = (min(cap_start, done_out) // B) * B
     bar.update(min(start, samples))
     if start >= samples:
         return 0
-    if not is_last and out_block != k:
+    if write_output and out_block != k:
         work.array(dst, bm.model.config.hidden_size)
         work.set_state(dst, k, 0)  # the array held block k-2's output: now block k's, empty
 
@@ -551,7 +624,7 @@ def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: 
     buffers = {g.name: _ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
     crcs = {g.name: list(infos[g.name].chunk_crc32) for g in groups}
     writer = _Writer(store, crcs, sum(g.n for g in groups) * dtype.itemsize)
-    stop_after = fire_order[-1] if (is_last and fire_order) else None
+    stop_after = fire_order[-1] if (not write_output and fire_order) else None
     feeding = [False]
 
     def hook(name):
@@ -574,7 +647,7 @@ def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: 
             for s in range(start, samples, B):
                 feeding[0] = s >= cap_start  # cap_start is a chunk, hence a batch, boundary
                 out = bm.run_block(k, work.read(src, s, s + B).to(bm.device))
-                if not is_last:
+                if write_output:
                     work.write(dst, s, out, block=k)
                 done = min(s + B, samples)
                 while feeding[0] and (done_chunks + 1) * per_chunk <= done:
@@ -594,6 +667,113 @@ def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: 
             checkpoint.save_state(work.pending_path(name), {"rows": p[1]},
                                   {"index": p[0], "block": k})
     return writer.raw_bytes
+
+
+# ---------------------------------------------------------------------------
+# --propagate: reduce, solve and compress block by block
+
+def _propagate_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: str,
+                     targets: list, is_last: bool, rec: dict, plan: _Plan, config: CaptureConfig,
+                     bar, say, timing: dict) -> int:
+    """Block ``k`` (loaded) with --propagate: capture pass, reduce, solve, compress, propagation
+    pass (module docstring); returns raw bytes written."""
+    raw = 0
+    if rec.get("captured") != k:
+        raw = _capture_block(bm, k, store, work, src, dst, targets, False, rec, plan, config,
+                             bar, say)
+        rec["captured"] = k
+        work.write_progress(rec)
+    names = [n for n in store.inputs if bm.block_of(n) == k]
+    if names:
+        t = time.perf_counter()
+        _reduce(config, plan, names)
+        timing["reduce_seconds"] += time.perf_counter() - t
+    if is_last:
+        return raw  # nothing after it sees its outputs
+    if names:
+        t = time.perf_counter()
+        timing["compressed_layers"] += len(compress_block(bm, k, store, work, names, plan))
+        timing["solve_seconds"] += time.perf_counter() - t
+    _capture_block(bm, k, store, work, src, dst, [], True, rec, plan, config, bar, say)
+    return raw
+
+
+def _reduce(config: CaptureConfig, plan: _Plan, names: list[str] | None) -> dict:
+    """``run_reduce`` with its defaults on the capture's device: ``names`` (exactly) or every
+    input; a finished result is skipped, a checkpoint resumed, a longer input extended."""
+    from .reduce import ReduceConfig, run_reduce
+
+    pattern = None if names is None else "^(?:" + "|".join(map(re.escape, names)) + ")$"
+    return run_reduce(config.out, ReduceConfig(device=str(plan.device), inputs=pattern),
+                      progress=False)
+
+
+def reduced_input(store, work: WorkDir, name: str, device: torch.device):
+    """The store's reduce result of ``name`` with its pending partial chunk (if any) folded on
+    top in memory, as the final reduce will fold it; a ``ReducedInput``."""
+    from .reduce import DTYPES, Partial, fold_group
+
+    red = store.factor(name)
+    info = store.input(name)
+    if red is None or not red.complete or red.meta.get("next_chunk") != info.num_chunks:
+        raise StoreError(f"{store.path}: input {name} has no complete reduce result after "
+                         f"reducing it; rerun the same command")
+    if info.tokens == work.samples * work.seq_len:
+        return red
+    p = work.pending_path(name)
+    if not p.is_file():
+        raise StoreError(f"{store.path}: input {name} holds {info.tokens} of "
+                         f"{work.samples * work.seq_len} rows and its last chunk is missing from "
+                         f"{p.parent}; delete {work.path} and rerun to recompute it")
+    t, meta = checkpoint.load_state(p)
+    if meta.get("index") != info.num_chunks:
+        raise StoreError(f"{p}: pending chunk {meta.get('index')} does not follow the "
+                         f"{info.num_chunks} committed chunks of {name}")
+    part = Partial(red.R, red.abs_sum, red.gram, red.tokens).to(device)
+    fold_group(part, [(info.num_chunks, t["rows"])], name=name, n=info.n,
+               dtype=DTYPES[red.meta["settings"]["dtype"]], device=device)
+    return dataclasses.replace(red, R=part.R, abs_sum=part.abs_sum, gram=part.gram,
+                               tokens=part.tokens, meta={**red.meta, "pending_folded": True})
+
+
+def compress_block(bm: BlockModel, k: int, store, work: WorkDir, names: list[str],
+                   plan: _Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Replace the weights of block ``k``'s linears (the consumers of ``names``) by A @ B as
+    ``coala-stream solve`` computes them from this store with the capture's --propagate
+    settings, on the capture's device. Returns {module name: (A, B)} of the layers changed
+    (layers whose rank saves no parameters stay dense, as solve keeps them)."""
+    from . import solve
+
+    settings = plan.attrs["capture_settings"]["propagate"]
+    cfg = solve.SolveConfig(out="-", **settings)
+    device = plan.device
+    head = f"{bm.prefix}.{k}."
+    mods = dict(bm.blocks[k].named_modules())
+    layers = []
+    for name in names:
+        for consumer in store.input(name).consumers:
+            mod = mods[consumer[len(head):]]
+            layers.append(solve.Layer(consumer, name, mod.out_features, mod.in_features))
+    dtypes: dict[str, torch.dtype] = {}
+
+    def weight(consumer: str) -> torch.Tensor:
+        if bm.weights is not None:  # as stored, as solve reads it
+            W = bm.weights.read([consumer + ".weight"])[consumer + ".weight"]
+        else:  # loaded whole (GGUF): the weights as the model holds them
+            W = mods[consumer[len(head):]].weight.detach()
+        dtypes[consumer] = W.dtype
+        return W
+
+    from .devices import resolve_device
+
+    reduce_device = resolve_device(str(device))
+    factors = solve.factor_layers(layers, weight, lambda n: reduced_input(store, work, n, reduce_device),
+                                  cfg, device)
+    with torch.no_grad():
+        for consumer, res in factors.items():
+            mod = mods[consumer[len(head):]]
+            mod.weight.copy_((res["A"] @ res["B"]).to(dtypes[consumer]))  # solve --format dense
+    return {c: (res["A"], res["B"]) for c, res in factors.items()}
 
 
 def _finish(store, work: WorkDir, samples: int, seq_len: int) -> tuple[list[str], int]:

@@ -403,3 +403,181 @@ def test_peak_rss_does_not_grow_with_blocks(tiny_model_dir, text_file, tmp_path)
     # ordinary capture), the blocks nothing; holding them would add 4 blocks
     assert hwm6 - hwm2 < block_bytes, (hwm2, hwm6)
     # (an ordinary capture of the 6-block model peaks at about 5.5 blocks more: 614 vs 472 MB)
+
+
+# ---------------------------------------------------------------------------
+# --propagate: each block captured from the compressed blocks before it
+
+PROP = dict(sequential=True, propagate=True, ratio=0.3)
+
+
+def _block(name: str) -> int:
+    return int(name.split(".")[2])
+
+
+@pytest.fixture(scope="module")
+def propagated(tiny_model_dir, text_file, tmp_path_factory):
+    """An uninterrupted --propagate capture of the 3-block float32 model (do not modify):
+    (model dir, store, {module: (A, B)} applied during propagation, summary)."""
+    model_dir = tiny_model_dir("float32", **LAYERS3)
+    out = tmp_path_factory.mktemp("propagated") / "p.zarr"
+    applied: dict = {}
+    real = sequential.compress_block
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sequential, "compress_block",
+               lambda *a, **kw: (lambda r: (applied.update(r), r)[1])(real(*a, **kw)))
+    try:
+        s = run_capture(config(model_dir, out, text_file, **PROP), progress=False)
+    finally:
+        mp.undo()
+    return model_dir, out, applied, s
+
+
+def reduce_results(path: Path) -> dict:
+    with open_store(path) as s:
+        return {n: s.factor(n) for n in s.inputs}
+
+
+def test_propagate_captures_later_blocks_from_compressed_ones(propagated, ordinary):
+    from coala_stream.solve import check_reduced
+
+    model_dir, out, applied, s = propagated
+    ref = ordinary(model_dir)
+    assert s["status"] == "complete" and s["blocks"] == 3 and s["inputs"] == 12
+    # blocks 0 and 1 compressed (7 linears each); the last block's outputs feed nothing
+    assert s["propagate"]["compressed_layers"] == 14 and {_block(n) for n in applied} == {0, 1}
+    assert not sequential.default_hidden_dir(str(out)).exists()
+    with open_store(ref) as a, open_store(out) as b:
+        assert a.inputs == b.inputs
+        assert b.attrs["capture_settings"]["propagate"] == {"method": "coala", "ratio": 0.3,
+                                                            "rank": None, "mu": 0.0}
+        assert a.attrs["capture_settings"]["propagate"] is None
+        for name in a.inputs:
+            x = torch.cat(list(a.iter_chunks(name)))
+            y = torch.cat(list(b.iter_chunks(name)))
+            if _block(name) == 0:  # nothing compressed before block 0
+                assert torch.equal(x, y), name
+            else:
+                rel = ((x - y).norm() / x.norm()).item()
+                assert rel > 1e-3, (name, rel)
+        check_reduced(b, set(b.inputs))  # the store ends reduced, from its final data
+
+
+def test_solve_on_the_propagated_store_gives_the_factors_used(propagated, tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    from coala_stream.solve import SolveConfig, run_solve
+
+    model_dir, out, applied, _ = propagated
+    report = run_solve(out, SolveConfig(out=str(tmp_path / "f"), ratio=0.3), progress=False)
+    tensors = load_file(tmp_path / "f" / "model.safetensors")
+    solved = {r["module"] for r in report["layers"] if not r["kept_dense"]}
+    assert set(applied) == {m for m in solved if _block(m) < 2}
+    for name, (A, B) in applied.items():
+        assert torch.equal(tensors[f"{name}.A.weight"], A.to(torch.float32)), name
+        assert torch.equal(tensors[f"{name}.B.weight"], B.to(torch.float32)), name
+    # End to end: an ordinary capture of the dense solved model sees, at the entrance of
+    # every block, what the propagation captured there (the q/k/v input, the block's
+    # normalised input); inside a block it differs (block-level: block k uncompressed).
+    run_solve(out, SolveConfig(out=str(tmp_path / "d"), ratio=0.3, format="dense"), progress=False)
+    dense = tmp_path / "dense.zarr"
+    run_capture(config(tmp_path / "d", dense, text_file), progress=False)
+    with open_store(dense) as a, open_store(out) as b:
+        for name in a.inputs:
+            x = torch.cat(list(a.iter_chunks(name))).double()
+            y = torch.cat(list(b.iter_chunks(name))).double()
+            rel = ((x - y).norm() / x.norm()).item()
+            if name.endswith("q_proj"):
+                assert rel <= 1e-6, (name, rel)
+            else:
+                assert rel > 1e-3, (name, rel)
+
+
+def test_propagate_failures_then_rerun_equal_uninterrupted(propagated, text_file, tmp_path,
+                                                           monkeypatch):
+    model_dir, ref, ref_applied, _ = propagated
+    out = tmp_path / "p.zarr"
+    real_reduce, real_run = sequential._reduce, sequential.BlockModel.run_block
+
+    def reduce_failing_at_block_1(config, plan, names):
+        if names and _block(names[0]) == 1:
+            raise RuntimeError("injected: killed while reducing block 1")
+        return real_reduce(config, plan, names)
+
+    monkeypatch.setattr(sequential, "_reduce", reduce_failing_at_block_1)
+    with pytest.raises(RuntimeError, match="reducing block 1"):
+        run_capture(config(model_dir, out, text_file, **PROP), progress=False)
+    assert _progress(out)["next_block"] == 1 and _progress(out)["captured"] == 1
+    monkeypatch.setattr(sequential, "_reduce", real_reduce)
+
+    calls = []
+
+    def run_failing_in_propagation(self, k, x):  # block 1's capture pass is not run again
+        calls.append(k)
+        if calls.count(1) == 2:
+            raise RuntimeError("injected: killed in block 1's propagation pass")
+        return real_run(self, k, x)
+
+    monkeypatch.setattr(sequential.BlockModel, "run_block", run_failing_in_propagation)
+    with pytest.raises(RuntimeError, match="propagation pass"):
+        run_capture(config(model_dir, out, text_file, **PROP), progress=False)
+    work = sequential.WorkDir(sequential.default_hidden_dir(str(out)), 5, 32, "float32")
+    dst = "b" if _progress(out)["src"] == "a" else "a"
+    assert set(calls) == {1} and work.state(dst) == (1, 2)  # one batch of block 1's output written
+    monkeypatch.setattr(sequential.BlockModel, "run_block", real_run)
+
+    def final_reduce_failing(config, plan, names):
+        if names is None:
+            raise RuntimeError("injected: killed before the final reduce")
+        return real_reduce(config, plan, names)
+
+    applied = {}
+    real_compress = sequential.compress_block
+    monkeypatch.setattr(sequential, "compress_block",
+                        lambda *a, **kw: (lambda r: (applied.update(r), r)[1])(real_compress(*a, **kw)))
+    monkeypatch.setattr(sequential, "_reduce", final_reduce_failing)
+    with pytest.raises(RuntimeError, match="final reduce"):
+        run_capture(config(model_dir, out, text_file, **PROP), progress=False)
+    monkeypatch.setattr(sequential, "_reduce", real_reduce)
+    assert sorted(applied) == sorted(n for n in ref_applied if _block(n) == 1)
+    for name, (A, B) in applied.items():  # recomputed after the resume: the same factors
+        assert torch.equal(A, ref_applied[name][0]) and torch.equal(B, ref_applied[name][1])
+    s = run_capture(config(model_dir, out, text_file, **PROP), progress=False)
+    assert s["status"] == "already complete"
+    assert_same_store(ref, out)
+    got, want = reduce_results(out), reduce_results(ref)
+    for name, r in want.items():
+        assert got[name].complete and torch.equal(got[name].R, r.R), name
+        assert torch.equal(got[name].abs_sum, r.abs_sum), name
+
+
+def test_propagate_usage_errors_and_settings_that_do_not_mix(propagated, ordinary, tmp_path,
+                                                             text_file, capsys):
+    model_dir, prop_store, _, _ = propagated
+    base = ["capture", str(model_dir), "--data", str(text_file), "--samples", "5", "--seq-len", "32",
+            "--chunk-tokens", "64"]
+    new = ["--out", str(tmp_path / "n.zarr")]
+    for extra, message in [
+        (["--propagate", "--ratio", "0.2"], "--propagate works block by block: add --sequential"),
+        (["--ratio", "0.2"], "--ratio: only used with --sequential --propagate"),
+        (["--sequential", "--mu", "0.1"], "--mu: only used with --sequential --propagate"),
+        (["--sequential", "--propagate"], "give exactly one of --ratio"),
+        (["--sequential", "--propagate", "--ratio", "0.2", "--rank", "4"], "give exactly one of --ratio"),
+        (["--sequential", "--propagate", "--ratio", "1.5"], "ratio"),
+        (["--sequential", "--propagate", "--rank", "4", "--method", "svd", "--mu", "0.1"],
+         "--mu applies to --method coala only"),
+    ]:
+        assert main([*base, *new, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "n.zarr").exists()
+    # an ordinary store is not a propagated one, and vice versa, nor with other settings
+    for store, extra in [(ordinary(model_dir), ["--sequential", "--propagate", "--ratio", "0.3"]),
+                         (prop_store, ["--sequential"]), (prop_store, []),
+                         (prop_store, ["--sequential", "--propagate", "--ratio", "0.2"]),
+                         (prop_store, ["--sequential", "--propagate", "--ratio", "0.3", "--mu", "0.5"])]:
+        assert main([*base, "--out", str(store), *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert "captured with other settings: propagate: store has" in err, err
+    assert main([*base, "--out", str(prop_store), "--sequential", "--propagate", "--ratio", "0.3"]) == 0
+    assert "already complete" in capsys.readouterr().out

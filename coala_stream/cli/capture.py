@@ -15,6 +15,13 @@ same tensor (q/k/v, gate/up) share one stored array. Activations are kept bit
 for bit in the model's dtype, compressed, chunk by chunk, so memory stays at
 the model plus a few chunks. A killed capture resumes from its last commit when
 the same command is run again; a finished one is not redone.
+
+--sequential --propagate --ratio F compresses while capturing: block k's inputs
+are captured from the already compressed blocks 0..k-1 (block-level: inside
+block k, o_proj's and down_proj's inputs come from block k uncompressed), then
+reduced, solved and block k replaced by A @ B before its outputs go on to block
+k+1. The store ends reduced: run `coala-stream solve STORE` with the same
+--ratio/--rank, --method and --mu to write the model the propagation built.
 """
 
 EPILOG = """\
@@ -24,6 +31,8 @@ examples:
   coala-stream capture ./models --gguf-file m.Q8_0.gguf --out calib.h5 --backend hdf5
   coala-stream capture --out c.zarr --layers 'layers\\.(0|1)\\.' --samples 8    # first two blocks
   coala-stream capture ./big-llama --out calib.zarr --sequential --hidden-dir /scratch/h  # one block at a time
+  coala-stream capture ./my-llama --out prop.zarr --sequential --propagate --ratio 0.2   # then:
+  coala-stream solve prop.zarr --ratio 0.2 --out my-llama-80
 """
 
 
@@ -58,6 +67,13 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
     p.add_argument("--sequential", action="store_true", help=_help("sequential"))
     p.add_argument("--hidden-dir", metavar="DIR", help=_help("hidden_dir"))
+    g = p.add_argument_group("compression while capturing (--sequential --propagate)")
+    g.add_argument("--propagate", action="store_true", help=_help("propagate"))
+    g.add_argument("--ratio", type=float, metavar="F", help=_help("ratio"))
+    g.add_argument("--rank", type=int, metavar="N", help=_help("rank"))
+    g.add_argument("--method", default="coala", choices=("coala", "svd", "svdllm", "asvd"),
+                   help=_help("method"))
+    g.add_argument("--mu", type=float, default=0.0, metavar="F", help=_help("mu"))
     p.set_defaults(func=run)
 
 
@@ -70,7 +86,8 @@ def run(args) -> int:
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, layers=args.layers,
         device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
         batch_size=args.batch_size, shard_chunks=args.shard_chunks, backend=args.backend,
-        overwrite=args.overwrite, sequential=args.sequential, hidden_dir=args.hidden_dir)
+        overwrite=args.overwrite, sequential=args.sequential, hidden_dir=args.hidden_dir,
+        propagate=args.propagate, ratio=args.ratio, rank=args.rank, method=args.method, mu=args.mu)
     if args.hidden_dir is not None and not args.sequential:
         from ..errors import UsageError
 
@@ -84,6 +101,13 @@ def run(args) -> int:
         if s.get("sequential"):
             resumed = (f", block by block: {s['blocks']} blocks"
                        + (f", resumed at block {s['block_before']}" if s["block_before"] else ""))
+        if s.get("propagate"):
+            pr = s["propagate"]
+            size = f"ratio {pr['ratio']}" if pr["ratio"] is not None else f"rank {pr['rank']}"
+            resumed += (f", propagated through {pr.get('compressed_layers', 0)} layers compressed "
+                        f"with {pr['method']} {size}" + (f" mu {pr['mu']}" if pr["mu"] else "")
+                        + f"; reduced (reduce {pr.get('reduce_seconds', 0):.1f} s, solve "
+                          f"{pr.get('solve_seconds', 0):.1f} s)")
         print(f"{s['store']}: {s['inputs']} inputs, {s['samples']} samples x {s['seq_len']} tokens "
               f"({s['dtype']}, {s['backend']}{resumed}) in {s['seconds']:.1f} s")
     sys.stdout.flush()
