@@ -311,7 +311,9 @@ def run_solve(store_path, config: SolveConfig, progress: bool = True) -> dict:
         _check_model(store, spec, model_config)
         layers = plan_layers(store, model_config, config.layers)
         check_reduced(store, {layer.input for layer in layers})
-        notes: list[str] = []
+        notes: list[str] = _propagate_notes(store, config)
+        for note in notes:
+            say(f"note: {note}")
         with export.staging_dir(out, config.overwrite) as stage:
             source = open_source(spec, model_config, stage, notes, say)
             _check_weights(source, layers)
@@ -333,6 +335,22 @@ def run_solve(store_path, config: SolveConfig, progress: bool = True) -> dict:
         store.close()
     report["out"] = str(out)
     return report
+
+
+def _propagate_notes(store, config: SolveConfig) -> list[str]:
+    """A store captured with --propagate was fitted to one compression; say when this differs."""
+    applied = (store.attrs.get("capture_settings") or {}).get("propagate")
+    if not applied:
+        return []
+    wanted = {"method": config.method, "ratio": config.ratio, "rank": config.rank, "mu": float(config.mu)}
+    differ = [f"{k} {applied.get(k)} -> {v}" for k, v in wanted.items() if applied.get(k) != v]
+    if config.allocate != "uniform" or config.layers is not None:
+        differ.append("allocation/--layers other than capture's uniform, all-layer compression")
+    if not differ:
+        return []
+    return [f"the store was captured with --propagate for {applied}, so later blocks' activations "
+            f"assume that compression; this solve differs ({'; '.join(differ)}), so its layers "
+            f"are fitted to inputs they will not see exactly"]
 
 
 def _model_spec(store, config: SolveConfig) -> models.ModelSpec:

@@ -471,6 +471,10 @@ def test_solve_on_the_propagated_store_gives_the_factors_used(propagated, tmp_pa
     model_dir, out, applied, _ = propagated
     report = run_solve(out, SolveConfig(out=str(tmp_path / "f"), ratio=0.3), progress=False)
     tensors = load_file(tmp_path / "f" / "model.safetensors")
+    assert not any("--propagate" in note for note in report["notes"])
+    other = run_solve(out, SolveConfig(out=str(tmp_path / "g"), ratio=0.5), progress=False)
+    assert any("captured with --propagate" in note and "ratio 0.3 -> 0.5" in note
+               for note in other["notes"])
     solved = {r["module"] for r in report["layers"] if not r["kept_dense"]}
     assert set(applied) == {m for m in solved if _block(m) < 2}
     for name, (A, B) in applied.items():
