@@ -17,4 +17,9 @@ def add_parser(subparsers, name: str, summary: str, description: str, epilog: st
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    # "(default: None)" and "(default: False)" tell a reader nothing: an option without a
+    # value says in its own help what happens when it is left out, and a flag is off unless given.
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
