@@ -321,15 +321,21 @@ def _residual_directions(W: torch.Tensor, A: torch.Tensor, count: int) -> torch.
     return U[:, :count]
 
 
+NOT_FINITE = "holds NaN or Inf values; refusing to fold them into R"
+
+
 def _cat(blocks: list[torch.Tensor]) -> torch.Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
-def prepare_block(block, name: str, n: int | None, dtype, device) -> torch.Tensor:
+def prepare_block(block, name: str, n: int | None, dtype, device, *,
+                  check_finite: bool = True) -> torch.Tensor:
     """Validate one block (2-D, float, n columns, finite) and upcast it on ``device``.
 
     Raises UsageError naming ``name``. Drivers that run their own loop around
-    ``fold_block`` (reduce's checkpointed stream) use this for the same checks.
+    ``fold_block`` (reduce's checkpointed stream) use this for the same checks;
+    ``check_finite=False`` leaves the NaN/Inf test to a driver that gets it from
+    a pass over the data it makes anyway.
     """
     if not isinstance(block, torch.Tensor):
         raise UsageError(f"{name}: expected a torch.Tensor, got {type(block).__name__}")
@@ -340,8 +346,8 @@ def prepare_block(block, name: str, n: int | None, dtype, device) -> torch.Tenso
     if n is not None and block.shape[1] != n:
         raise UsageError(f"{name}: expected {n} columns, got {block.shape[1]}")
     X = block.to(device=device if device is not None else block.device, dtype=dtype)
-    if not bool(torch.isfinite(X).all()):
-        raise UsageError(f"{name}: holds NaN or Inf values; refusing to fold them into R")
+    if check_finite and not bool(torch.isfinite(X).all()):
+        raise UsageError(f"{name}: {NOT_FINITE}")
     return X
 
 

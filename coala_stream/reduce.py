@@ -63,7 +63,7 @@ from . import checkpoint
 from ._version import __version__
 from .devices import resolve_device
 from .errors import CheckpointMismatch, DataError, Interrupted, UsageError
-from .linalg import fold_block, merge_r, prepare_block
+from .linalg import NOT_FINITE, fold_block, merge_r, prepare_block
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TEST_DELAY_ENV = "COALA_STREAM_TEST_GROUP_DELAY"
@@ -169,13 +169,25 @@ def fold_group(part: Partial, chunks: list[tuple[int, torch.Tensor]], *, name: s
     for index, chunk in chunks:
         chunk = chunk.to(device, non_blocking=True)  # still 16-bit: upcast happens on the device
         try:
-            blocks.append(prepare_block(chunk, f"input {name!r} chunk {index}", n, dtype, device))
+            blocks.append(prepare_block(chunk, f"input {name!r} chunk {index}", n, dtype, device,
+                                        check_finite=False))
         except UsageError as exc:
             raise DataError(f"input {name!r} chunk {index}: {_reason(exc)}") from exc
     X = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     if X.shape[0] == 0:
         return
-    part.abs_sum += torch.sum(X.abs(), dim=0, dtype=torch.float64)
+    # The column sums ASVD needs are also the NaN/Inf test: in float64 a sum of finite
+    # float32 magnitudes cannot overflow, so it is finite exactly when X is. One pass
+    # instead of isfinite(X) plus a float64-accumulating reduction (3.6 -> 0.5 ms per
+    # 2048 x 576 chunk on one CPU thread: 20 % of reduce's time).
+    # Chunk by chunk (the float64 copy is one chunk's); part changes only once all passed.
+    col_sums = torch.zeros_like(part.abs_sum)
+    for (index, _), block in zip(chunks, blocks):
+        sums = block.abs().double().sum(0)
+        if not bool(torch.isfinite(sums).all()):
+            raise DataError(f"input {name!r} chunk {index}: {NOT_FINITE}")
+        col_sums += sums
+    part.abs_sum += col_sums
     if part.gram is not None:
         Xg = X.float()
         part.gram.addmm_(Xg.T, Xg)
