@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from . import calib, models
+from .devices import resolve_device, threads_beside_writer, torch_threads
 from .errors import CoalaError, Interrupted, StoreError, UsageError
 
 QUEUE_CHUNKS = 4  # chunks waiting for the writer; bounds memory beyond the chunk buffers
@@ -84,6 +85,10 @@ class CaptureConfig:
         "help": "chunks per zarr shard file (fewer, larger files); default: the store's"})
     backend: str | None = field(default=None, metadata={
         "help": "zarr|hdf5; default: hdf5 if OUT ends in .h5 or .hdf5, else zarr"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads for the forward pass; default on a CPU device: one fewer than "
+                "the cores torch would use, so the writer thread has a core to compress on "
+                "(faster overall than all cores, see docs/benchmarks.md); on CUDA: torch's default"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing store that was made with different settings"})
     sequential: bool = field(default=False, metadata={
@@ -165,15 +170,7 @@ class CaptureConfig:
         return self.backend
 
     def resolved_device(self) -> torch.device:
-        name = "cuda" if self.device == "auto" and torch.cuda.is_available() else self.device
-        name = "cpu" if name == "auto" else name
-        try:
-            dev = torch.device(name)
-        except RuntimeError as exc:
-            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {self.device}: no CUDA device is available (use --device cpu)")
-        return dev
+        return resolve_device(self.device)
 
 
 # ---------------------------------------------------------------------------
@@ -439,7 +436,8 @@ def _store_attrs(config: CaptureConfig, cfg, tokenizer, cal: calib.Calibration, 
         "chunk_tokens": chunk_tokens,
         "capture": {"samples_done": 0, "complete": False},
         "capture_settings": {"layers": config.layers, "batch_size": batch_size,
-                             "device": str(device), "probe_crc32": None,
+                             "device": str(device), "cpu_threads": torch.get_num_threads(),
+                             "probe_crc32": None,
                              "propagate": config.propagate_settings()},
     }
 
@@ -539,6 +537,11 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
     Raises UsageError / CoalaError / StoreError for user-fixable problems and
     Interrupted on SIGINT/SIGTERM (everything committed is kept; rerun resumes).
     """
+    with torch_threads(threads_beside_writer(config.threads, config.resolved_device())):
+        return _run_capture(config, progress)
+
+
+def _run_capture(config: CaptureConfig, progress: bool) -> dict:
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     with models.gguf_parsed_once():  # config, tokenizer and weights from one GGUF parse

@@ -53,7 +53,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -61,7 +60,7 @@ import torch
 
 from . import checkpoint
 from ._version import __version__
-from .devices import resolve_device
+from .devices import resolve_device, torch_threads
 from .errors import CheckpointMismatch, DataError, Interrupted, UsageError
 from .linalg import NOT_FINITE, fold_block, merge_r, prepare_block
 
@@ -349,7 +348,7 @@ def run_reduce(store_path, config: ReduceConfig | None = None, progress: bool = 
         reduce_dir = Path(store.reduce_dir)
         reduce_dir.mkdir(parents=True, exist_ok=True)
         with checkpoint.StoreLock(reduce_dir / "lock", what="reduce") as lock, \
-                StopRequests() as stop, _torch_threads(config.threads):
+                StopRequests() as stop, torch_threads(config.threads):
             checkpoint.remove_temp_files(reduce_dir)  # leftovers of a killed run's writes
             if config.restart:
                 for name in names:
@@ -379,17 +378,6 @@ def select_inputs(names: list[str], pattern: str | None) -> list[str]:
 
 def factor_path(store, name: str) -> Path:
     return Path(store.reduce_dir) / f"{name}.safetensors"
-
-
-@contextmanager
-def _torch_threads(threads: int | None):
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from coala_stream import calib, capture
 from coala_stream.capture import CaptureConfig, run_capture
 from coala_stream.cli import main
-from coala_stream.errors import CoalaError, StoreError
+from coala_stream.errors import CoalaError, StoreError, UsageError
 from coala_stream.store import open_store
 
 CLI = [sys.executable, "-c", "import sys; from coala_stream.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -230,6 +230,36 @@ def test_writer_bug_propagates_to_the_caller(tiny_model_dir, text_file, tmp_path
     monkeypatch.setattr(Store, "write_chunk", broken)
     with pytest.raises(ZeroDivisionError, match="bug in the writer"):
         run_capture(config(tiny_model_dir("float32"), tmp_path / "s.zarr", text_file), progress=False)
+
+
+def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
+        tiny_model_dir, text_file, tmp_path, monkeypatch):
+    seen = []
+    forward = capture._forward
+    monkeypatch.setattr(capture, "_forward", lambda *a: (seen.append(torch.get_num_threads()), forward(*a))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "a.zarr", text_file, device="cpu"),
+                    progress=False)
+        assert set(seen) == {2} and torch.get_num_threads() == 3
+        with open_store(tmp_path / "a.zarr") as r:
+            assert r.attrs["capture_settings"]["cpu_threads"] == 2
+        seen.clear()
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "b.zarr", text_file, device="cpu",
+                           threads=3), progress=False)
+        assert set(seen) == {3} and torch.get_num_threads() == 3
+        torch.set_num_threads(1)  # never below one thread
+        seen.clear()
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "c.zarr", text_file, device="cpu"),
+                    progress=False)
+        assert set(seen) == {1}
+        with pytest.raises(UsageError, match="--threads must be at least 1"):
+            run_capture(config(tiny_model_dir("float32"), tmp_path / "d.zarr", text_file, threads=0),
+                        progress=False)
+        assert not (tmp_path / "d.zarr").exists()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _samples_done(store: Path) -> int:
