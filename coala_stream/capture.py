@@ -509,6 +509,9 @@ class _Plan:
     model_config: object
     cal: calib.Calibration
     attrs: dict
+    # torch threads for work done while the writer is idle (--propagate's reduce and solve):
+    # the caller's, so `coala-stream solve` run afterwards computes the same factors bit for bit
+    compute_threads: int | None = None
 
 
 def _plan(config: CaptureConfig) -> _Plan:
@@ -537,15 +540,17 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
     Raises UsageError / CoalaError / StoreError for user-fixable problems and
     Interrupted on SIGINT/SIGTERM (everything committed is kept; rerun resumes).
     """
+    outer = torch.get_num_threads()
     with torch_threads(threads_beside_writer(config.threads, config.resolved_device())):
-        return _run_capture(config, progress)
+        return _run_capture(config, progress, outer)
 
 
-def _run_capture(config: CaptureConfig, progress: bool) -> dict:
+def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) -> dict:
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     with models.gguf_parsed_once():  # config, tokenizer and weights from one GGUF parse
         plan = _plan(config)
+        plan.compute_threads = compute_threads
         summary = {"store": str(config.out), "backend": plan.backend, "samples": config.samples,
                    "seq_len": config.seq_len, "tokens": config.samples * config.seq_len,
                    "dtype": plan.dtype, "device": str(plan.device),

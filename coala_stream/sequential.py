@@ -104,6 +104,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, models
+from .devices import torch_threads
 from .capture import (CaptureConfig, InputGroup, _ChunkBuffer, _linear_input, _Plan, _Signalled,
                       _signals_as_interrupt, _StopForward, _Writer, linear_targets, probe_run)
 from .errors import CoalaError, Interrupted, StoreError
@@ -692,7 +693,8 @@ def _propagate_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst
         return raw  # nothing after it sees its outputs
     if names:
         t = time.perf_counter()
-        timing["compressed_layers"] += len(compress_block(bm, k, store, work, names, plan))
+        with torch_threads(plan.compute_threads):
+            timing["compressed_layers"] += len(compress_block(bm, k, store, work, names, plan))
         timing["solve_seconds"] += time.perf_counter() - t
     _capture_block(bm, k, store, work, src, dst, [], True, rec, plan, config, bar, say)
     return raw
@@ -704,7 +706,8 @@ def _reduce(config: CaptureConfig, plan: _Plan, names: list[str] | None) -> dict
     from .reduce import ReduceConfig, run_reduce
 
     pattern = None if names is None else "^(?:" + "|".join(map(re.escape, names)) + ")$"
-    return run_reduce(config.out, ReduceConfig(device=str(plan.device), inputs=pattern),
+    return run_reduce(config.out, ReduceConfig(device=str(plan.device), inputs=pattern,
+                                               threads=plan.compute_threads),
                       progress=False)
 
 
