@@ -587,9 +587,8 @@ def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) ->
     return summary
 
 
-def _open_for_writing(config: CaptureConfig, plan: _Plan, state: str | None, probe_crc: int, say):
-    """A new store (replacing what is there), or the existing one rolled back to its
-    last commit; warns if the model computes other bits than when it was started."""
+def open_or_create_store(config: CaptureConfig, plan: _Plan, state: str | None):
+    """A new store (replacing what is there), or the existing one rolled back to its last commit."""
     from .store import create_store, open_store
 
     if state is None:
@@ -601,6 +600,15 @@ def _open_for_writing(config: CaptureConfig, plan: _Plan, state: str | None, pro
     except BaseException:
         store.close()
         raise
+    return store
+
+
+def _open_for_writing(config: CaptureConfig, plan: _Plan, state: str | None, probe_crc: int, say):
+    """`open_or_create_store`; on resume, warns if the model computes other bits than when
+    the store was started."""
+    store = open_or_create_store(config, plan, state)
+    if state is None:
+        return store
     attrs = store.attrs
     if attrs.get("capture_settings", {}).get("probe_crc32") not in (None, probe_crc):
         say("warning: the model's activations on sample 0 differ from those recorded when this "

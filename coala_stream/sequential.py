@@ -104,9 +104,10 @@ import numpy as np
 import torch
 
 from . import checkpoint, models
-from .devices import torch_threads
 from .capture import (CaptureConfig, InputGroup, _ChunkBuffer, _linear_input, _Plan, _Signalled,
-                      _signals_as_interrupt, _StopForward, _Writer, linear_targets, probe_run)
+                      _signals_as_interrupt, _StopForward, _Writer, linear_targets,
+                      open_or_create_store, probe_run)
+from .devices import torch_threads
 from .errors import CoalaError, Interrupted, StoreError
 
 WORK_FORMAT = "coala-stream/sequential"
@@ -469,7 +470,7 @@ def run_sequential(config: CaptureConfig, plan: _Plan, state: str | None, summar
     bm = BlockModel(config.model, plan.model_config, plan.dtype, plan.device, progress, say)
     targets = bm.block_targets(config.layers)
     last = max(targets)
-    store = _open_store(config, plan, state)
+    store = open_or_create_store(config, plan, state)
     try:
         uuid = store.attrs["uuid"]
         rec = work.read_progress()
@@ -500,22 +501,6 @@ def run_sequential(config: CaptureConfig, plan: _Plan, state: str | None, summar
     summary.update(status="complete", samples_before=0, block_before=before, blocks=last + 1,
                    inputs=len(sizes.pop("inputs")), seconds=time.perf_counter() - t0, **sizes)
     return summary
-
-
-def _open_store(config: CaptureConfig, plan: _Plan, state: str | None):
-    """A new store (replacing what is there), or the existing one rolled back to its last commit."""
-    from .store import create_store, open_store
-
-    if state is None:
-        shards = {} if config.shard_chunks is None else {"shard_chunks": config.shard_chunks}
-        return create_store(config.out, plan.backend, plan.attrs, overwrite=True, **shards)
-    store = open_store(config.out, "r+")
-    try:
-        store.rollback()
-    except BaseException:
-        store.close()
-        raise
-    return store
 
 
 def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, last: int,
