@@ -53,7 +53,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+def tiny_model_dir(tiny_arch_dir):
     """Factory: ``tiny_model_dir(dtype="float32", seed=0, **LlamaConfig overrides) -> Path``.
 
     The directory holds config.json, model.safetensors and the tokenizer, so
@@ -61,29 +61,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     load it offline. ``dtype`` is "float32", "bfloat16" or "float16" (weights are
     drawn in float32 and rounded).
     """
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    built: dict[tuple, Path] = {}
-    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
-
-    def make(dtype: str = "float32", seed: int = 0, **overrides) -> Path:
-        key = (dtype, seed, tuple(sorted(overrides.items())))
-        if key not in built:
-            cfg = LlamaConfig(**{**TINY_LLAMA, "vocab_size": vocab, **overrides})
-            torch.manual_seed(seed)
-            model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
-            model.config.dtype = getattr(torch, dtype)
-            out = tmp_path_factory.mktemp(f"tiny-llama-{dtype}")
-            model.save_pretrained(out)
-            for f in tiny_tokenizer_dir.iterdir():
-                shutil.copy(f, out / f.name)
-            built[key] = out
-        return built[key]
-
-    return make
+    return lambda dtype="float32", seed=0, **overrides: tiny_arch_dir("llama", dtype, seed, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +92,13 @@ def tiny_arch_dir(tmp_path_factory, tiny_tokenizer_dir):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is fastest, and immune to other processes on shared cores.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    from coala_stream.devices import torch_threads
+
+    with torch_threads(1):
+        yield

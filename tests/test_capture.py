@@ -22,6 +22,7 @@ import torch
 from coala_stream import calib, capture
 from coala_stream.capture import CaptureConfig, run_capture
 from coala_stream.cli import main
+from coala_stream.devices import torch_threads
 from coala_stream.errors import CoalaError, StoreError, UsageError
 from coala_stream.store import open_store
 
@@ -237,9 +238,7 @@ def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
     seen = []
     forward = capture._forward
     monkeypatch.setattr(capture, "_forward", lambda *a: (seen.append(torch.get_num_threads()), forward(*a))[1])
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
+    with torch_threads(3):
         run_capture(config(tiny_model_dir("float32"), tmp_path / "a.zarr", text_file, device="cpu"),
                     progress=False)
         assert set(seen) == {2} and torch.get_num_threads() == 3
@@ -249,17 +248,15 @@ def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
         run_capture(config(tiny_model_dir("float32"), tmp_path / "b.zarr", text_file, device="cpu",
                            threads=3), progress=False)
         assert set(seen) == {3} and torch.get_num_threads() == 3
-        torch.set_num_threads(1)  # never below one thread
+    with torch_threads(1):  # never below one thread
         seen.clear()
         run_capture(config(tiny_model_dir("float32"), tmp_path / "c.zarr", text_file, device="cpu"),
                     progress=False)
         assert set(seen) == {1}
-        with pytest.raises(UsageError, match="--threads must be at least 1"):
-            run_capture(config(tiny_model_dir("float32"), tmp_path / "d.zarr", text_file, threads=0),
-                        progress=False)
-        assert not (tmp_path / "d.zarr").exists()
-    finally:
-        torch.set_num_threads(before)
+    with pytest.raises(UsageError, match="--threads must be at least 1"):
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "d.zarr", text_file, threads=0),
+                    progress=False)
+    assert not (tmp_path / "d.zarr").exists()
 
 
 def _samples_done(store: Path) -> int:

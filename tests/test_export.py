@@ -26,13 +26,7 @@ from coala_stream.linalg import coala_factors, fold_r
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other processes on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear_names(model) -> list[str]:

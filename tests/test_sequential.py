@@ -17,28 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from coala_stream import calib, sequential
-from coala_stream.capture import CaptureConfig, run_capture
+from coala_stream import sequential
+from coala_stream.capture import run_capture
 from coala_stream.cli import main
 from coala_stream.errors import CoalaError, StoreError
 from coala_stream.store import open_store
 
-from .test_capture import CLI, assert_same_store, store_contents
+from .test_capture import CLI, SMALL, assert_same_store, config, store_contents, text_file  # noqa: F401
 
-# 5 samples of 32 tokens, 2 samples per chunk (2 full chunks and a partial one), 3 blocks.
-SMALL = dict(samples=5, seq_len=32, chunk_tokens=64)
+# test_capture's SMALL (2 full chunks and a partial one), with 3 blocks.
 LAYERS3 = dict(num_hidden_layers=3)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(calib.builtin_text()[:80_000], encoding="utf-8")
-    return p
-
-
-def config(model_dir, out, text_file, **kw) -> CaptureConfig:
-    return CaptureConfig(out=str(out), model=str(model_dir), data=str(text_file), **{**SMALL, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,7 @@ from coala_stream.store import ReducedInput, open_store
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and immune to other processes on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_store(model_dir, out, samples=4, seq_len=64, reduce=True):
