@@ -82,7 +82,9 @@ class CaptureConfig:
         "help": "samples per forward pass; must divide chunk_tokens / seq_len; default: "
                 "chunk_tokens / seq_len (one forward pass per chunk)"})
     shard_chunks: int | None = field(default=None, metadata={
-        "help": "chunks per zarr shard file (fewer, larger files); default: the store's"})
+        "help": "chunks per zarr shard file for a new store; default 1: each chunk is written "
+                "once, in a file of its own; more give fewer files, but zarr rewrites a shard "
+                "file each time a chunk is added to it"})
     backend: str | None = field(default=None, metadata={
         "help": "zarr|hdf5; default: hdf5 if OUT ends in .h5 or .hdf5, else zarr"})
     threads: int | None = field(default=None, metadata={

@@ -42,7 +42,7 @@ def make_store(path: Path, inputs: dict[str, tuple[int, int]], *, dtype="bfloat1
     exactly the stored values.
     """
     tdtype = getattr(torch, dtype)
-    store = create_store(path, backend, {"dtype": dtype, "chunk_tokens": CHUNK})
+    store = create_store(path, backend, {"dtype": dtype, "chunk_tokens": CHUNK}, shard_chunks=4)
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, (n, chunks) in inputs.items():

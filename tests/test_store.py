@@ -51,6 +51,7 @@ def random_bits(rows: int, n: int, dtype: str, seed: int = 0) -> torch.Tensor:
 
 
 def new_store(path: Path, backend: str, dtype: str = "bfloat16", **kw):
+    kw.setdefault("shard_chunks", 4)  # several chunks per shard: partial-shard rewrites and rollback
     attrs = {
         "dtype": dtype,
         "chunk_tokens": CT,
@@ -144,13 +145,14 @@ def test_readers_trust_committed_tokens_not_the_shape(tmp_path, backend):
         assert torch.equal(bits(torch.cat(list(r.iter_chunks(Q)))), bits(x[: 3 * CT + 3]))
 
 
-def test_zarr_resumed_store_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("shard_chunks", [1, 4])
+def test_zarr_resumed_store_is_byte_identical(tmp_path, shard_chunks):
     """Rolled-back rows leave no trace in the shard files (uuid aside, only root zarr.json differs)."""
     x = random_bits(6 * CT, N, "bfloat16")
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
-    with new_store(a, "zarr") as s:
+    with new_store(a, "zarr", shard_chunks=shard_chunks) as s:
         fill(s, x)
-    with new_store(b, "zarr") as s:
+    with new_store(b, "zarr", shard_chunks=shard_chunks) as s:
         fill(s, x[: 2 * CT])
         s.write_chunk(Q, 2, x[2 * CT : 3 * CT] + 1)  # uncommitted, inside the same shard
         s.write_chunk(Q, 4, x[4 * CT : 5 * CT])  # uncommitted, in the next shard
@@ -159,6 +161,22 @@ def test_zarr_resumed_store_is_byte_identical(tmp_path):
         fill(s, x)
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in (root / "inputs").rglob("*") if p.is_file()}
     assert files(a) == files(b)
+
+
+def test_default_zarr_store_writes_every_chunk_in_a_file_of_its_own(tmp_path):
+    """shard_chunks=1 by default (no partial-shard rewrites), and an all-zero chunk is data:
+    written like any other, not skipped as zarr does with chunks equal to the fill value."""
+    x = random_bits(3 * CT, N, "bfloat16")
+    x[CT : 2 * CT] = 0
+    path = tmp_path / "s.zarr"
+    with create_store(path, "zarr", {"dtype": "bfloat16", "chunk_tokens": CT}) as s:
+        fill(s, x, complete=True)
+    arr = path / "inputs" / Q
+    assert sorted(p.relative_to(arr) for p in (arr / "c").rglob("*") if p.is_file()) == [
+        Path("c/0/0"), Path("c/1/0"), Path("c/2/0")]
+    with open_store(path) as r:
+        assert r.attrs["shard_chunks"] == 1
+        assert torch.equal(bits(torch.cat(list(r.iter_chunks(Q)))), bits(x))
 
 
 def test_rollback_removes_partial_files(tmp_path):
@@ -243,8 +261,8 @@ def test_crc_mismatch_is_a_data_error(tmp_path, backend):
             r.read_chunk(Q, 1)
 
 
-def test_flipped_bit_in_default_shards_is_caught(tmp_path):
-    """Default sharding (4 chunks a shard): a flip anywhere in the shard fails some read."""
+def test_flipped_bit_in_multi_chunk_shards_is_caught(tmp_path):
+    """4 chunks a shard: a flip anywhere in the shard fails some read."""
     path = tmp_path / "s.zarr"
     with new_store(path, "zarr") as s:
         fill(s, random_bits(4 * CT, N, "bfloat16"))
