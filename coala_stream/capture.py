@@ -11,10 +11,11 @@ One run (`run_capture`):
    named after its first consumer in module order.
 3. Batches of samples run forward; a forward pre-hook on each group's first
    consumer copies its input rows (batch*seq x n, model dtype) into a CPU
-   chunk buffer. Full chunks go through a bounded queue to a writer thread
-   that compresses and writes them (`store.write_chunk`) and commits
-   (`store.commit`) once every input has its chunk ``k``. The forward stops
-   right after the last hooked module (no lm_head, no unused blocks).
+   chunk buffer. Full chunks go through bounded queues to writer threads
+   (``--writers``; each input always to the same one) that compress and write
+   them (`store.write_chunk`); a commit (`store.commit`) waits for every writer
+   once every input has its chunk ``k``. The forward stops right after the
+   last hooked module (no lm_head, no unused blocks).
 
 Chunk rule: ``chunk_tokens`` is a multiple of ``seq_len`` and the batch size
 divides ``chunk_tokens / seq_len``, so every commit point is a whole number of
@@ -23,12 +24,13 @@ killed-and-resumed writes the same bytes.
 
 Memory beyond the model: one chunk buffer per input (``chunk_tokens x
 sum(n)`` in the model dtype) plus at most `QUEUE_CHUNKS` chunks waiting for
-the writer, whatever the number of samples.
+each writer, whatever the number of samples.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import queue
 import re
 import signal
@@ -88,9 +90,14 @@ class CaptureConfig:
     backend: str | None = field(default=None, metadata={
         "help": "zarr|hdf5; default: hdf5 if OUT ends in .h5 or .hdf5, else zarr"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads for the forward pass; default on a CPU device: one fewer than "
-                "the cores torch would use, so the writer thread has a core to compress on "
-                "(faster overall than all cores, see docs/benchmarks.md); on CUDA: torch's default"})
+        "help": "torch CPU threads for the forward pass; default on a CPU device: the cores torch "
+                "would use minus --writers, so the writers have cores to compress on (faster "
+                "overall than all cores, see docs/benchmarks.md); on CUDA: torch's default"})
+    writers: int | None = field(default=None, metadata={
+        "help": "writer threads that compress and write chunks, each input always on the same "
+                "one; default: 1 on a CPU device (the forward needs the cores), min(4, cores - 1) "
+                "on CUDA, where the CPU has nothing else to do and one writer can fall behind the "
+                "GPU; the hdf5 backend takes 1 (h5py runs one call at a time)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace an existing store that was made with different settings"})
     sequential: bool = field(default=False, metadata={
@@ -173,6 +180,19 @@ class CaptureConfig:
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
+
+    def resolved_writers(self) -> int:
+        backend = self.resolved_backend()
+        if self.writers is not None:
+            if self.writers < 1:
+                raise UsageError(f"--writers must be at least 1, got {self.writers}")
+            if self.writers > 1 and backend == "hdf5":
+                raise UsageError(f"--writers {self.writers}: the hdf5 backend writes with one "
+                                 f"thread (h5py runs one call at a time); use zarr or --writers 1")
+            return self.writers
+        if backend == "hdf5" or self.resolved_device().type == "cpu":
+            return 1
+        return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 # ---------------------------------------------------------------------------
@@ -317,59 +337,103 @@ class _ChunkBuffer:
         return out
 
 
+def assign_writers(widths: dict[str, int], writers: int) -> dict[str, int]:
+    """Input name -> writer thread, balancing the bytes per chunk (every input gets a
+    chunk per chunk of tokens, so its width is its share): widest first, to the least
+    loaded thread."""
+    load = [0] * writers
+    owner = {}
+    for name in sorted(widths, key=lambda nm: (-widths[nm], nm)):
+        k = load.index(min(load))
+        owner[name] = k
+        load[k] += widths[name]
+    return owner
+
+
 class _Writer:
-    """Writer thread: takes ("chunk", name, index, tensor) and ("commit", samples,
-    tokens, complete) items from a bounded queue, in order. After an error it
-    keeps draining the queue (so the producer never blocks) and `check` re-raises
-    the error in the producer's thread."""
+    """Writer threads: take ("chunk", name, index, tensor) and ("commit", samples,
+    tokens, complete) items from bounded queues, one queue per thread. An input's
+    chunks always go to the same thread, so they are written in order; a commit goes
+    to every queue and is a barrier: the last thread to reach it commits, while the
+    others wait, so it sees every chunk queued before it and no later one. After an
+    error the threads keep draining their queues (so the producer never blocks) and
+    `check` re-raises the error in the producer's thread."""
 
     def __init__(self, store, crcs: dict[str, list[int]], row_bytes: int,
+                 widths: dict[str, int] | None = None, writers: int = 1,
                  maxsize: int = QUEUE_CHUNKS):
         self.store, self.crcs, self.row_bytes = store, crcs, row_bytes
-        self.q: queue.Queue = queue.Queue(maxsize)
+        self.owner = assign_writers(widths or {name: 1 for name in crcs}, writers)
+        self.queues = [queue.Queue(maxsize) for _ in range(writers)]
+        self.barrier = threading.Barrier(writers, action=self._commit)
+        self.pending = None
         self.error: BaseException | None = None
-        self.raw_bytes = 0  # written by this run
+        self.raw = [0] * writers  # bytes written by this run, per thread (no shared counter)
         self.committed_raw = 0  # whole store as of the last commit: uncompressed bytes
         self.stored_bytes = 0  # ... and bytes on disk
         self.samples_committed = None
-        self.thread = threading.Thread(target=self._run, name="coala-capture-writer", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True,
+                                         name=f"coala-capture-writer-{k}") for k in range(writers)]
+        for t in self.threads:
+            t.start()
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(self.raw)
 
     def put(self, item) -> None:
         self.check()
-        self.q.put(item)
+        if item[0] == "chunk":
+            self.queues[self.owner[item[1]]].put(item)
+        else:
+            for q in self.queues:
+                q.put(item)
 
     def check(self) -> None:
         if self.error is not None:
             raise _translate_write_error(self.error, self.store, self.samples_committed)
 
     def close(self) -> None:
-        """Finish the queued items, stop the thread, re-raise its error if any (idempotent)."""
-        if self.thread.is_alive():
-            self.q.put(None)
-            self.thread.join()
+        """Finish the queued items, stop the threads, re-raise an error if any (idempotent)."""
+        if any(t.is_alive() for t in self.threads):
+            for q in self.queues:
+                q.put(None)
+            for t in self.threads:
+                t.join()
+            self.barrier = None  # its action refers back to self: no cycle left for the GC
         self.check()
 
-    def _run(self) -> None:
-        while (item := self.q.get()) is not None:
+    def _run(self, k: int) -> None:
+        q = self.queues[k]
+        while (item := q.get()) is not None:
+            if item[0] == "commit":
+                self.pending = item  # every thread sets the same item
+                self.barrier.wait()  # runs _commit once all threads are here
+                continue
             if self.error is not None:
                 continue
             try:
-                if item[0] == "chunk":
-                    _, name, index, tensor = item
-                    if index != len(self.crcs[name]):
-                        raise RuntimeError(f"chunk {index} of {name} out of order")
-                    self.crcs[name].append(self.store.write_chunk(name, index, tensor))
-                    self.raw_bytes += tensor.numel() * tensor.element_size()
-                else:
-                    _, samples, tokens, complete = item
-                    self.store.commit(samples, {name: (tokens, list(c)) for name, c in self.crcs.items()},
-                                      complete=complete)
-                    self.samples_committed = samples
-                    self.committed_raw = tokens * self.row_bytes
-                    self.stored_bytes = sum(self.store.stored_bytes(n) for n in self.crcs)
+                _, name, index, tensor = item
+                if index != len(self.crcs[name]):
+                    raise RuntimeError(f"chunk {index} of {name} out of order")
+                self.crcs[name].append(self.store.write_chunk(name, index, tensor))
+                self.raw[k] += tensor.numel() * tensor.element_size()
             except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
                 self.error = exc
+
+    def _commit(self) -> None:
+        # Barrier action: every writer waits, so the chunk lists are complete and still.
+        if self.error is not None:
+            return
+        try:
+            _, samples, tokens, complete = self.pending
+            self.store.commit(samples, {name: (tokens, list(c)) for name, c in self.crcs.items()},
+                              complete=complete)
+            self.samples_committed = samples
+            self.committed_raw = tokens * self.row_bytes
+            self.stored_bytes = sum(self.store.stored_bytes(n) for n in self.crcs)
+        except BaseException as exc:  # noqa: BLE001 - a raising action would break the barrier
+            self.error = exc
 
 
 def _translate_write_error(exc: BaseException, store, committed) -> BaseException:
@@ -514,6 +578,7 @@ class _Plan:
     # torch threads for work done while the writer is idle (--propagate's reduce and solve):
     # the caller's, so `coala-stream solve` run afterwards computes the same factors bit for bit
     compute_threads: int | None = None
+    writers: int = 1
 
 
 def _plan(config: CaptureConfig) -> _Plan:
@@ -529,7 +594,8 @@ def _plan(config: CaptureConfig) -> _Plan:
     cal = calib.calibration_windows(tokenizer, config.data, config.samples, config.seq_len,
                                     config.seed, models.max_positions(cfg))
     attrs = _store_attrs(config, cfg, tokenizer, cal, dtype, chunk_tokens, batch_size, device)
-    return _Plan(chunk_tokens, batch_size, backend, device, dtype, cfg, cal, attrs)
+    return _Plan(chunk_tokens, batch_size, backend, device, dtype, cfg, cal, attrs,
+                 writers=config.resolved_writers())
 
 
 def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
@@ -543,7 +609,8 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
     Interrupted on SIGINT/SIGTERM (everything committed is kept; rerun resumes).
     """
     outer = torch.get_num_threads()
-    with torch_threads(threads_beside_writer(config.threads, config.resolved_device())):
+    with torch_threads(threads_beside_writer(config.threads, config.resolved_device(),
+                                             config.resolved_writers())):
         return _run_capture(config, progress, outer)
 
 
@@ -555,7 +622,7 @@ def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) ->
         plan.compute_threads = compute_threads
         summary = {"store": str(config.out), "backend": plan.backend, "samples": config.samples,
                    "seq_len": config.seq_len, "tokens": config.samples * config.seq_len,
-                   "dtype": plan.dtype, "device": str(plan.device),
+                   "dtype": plan.dtype, "device": str(plan.device), "writers": plan.writers,
                    "chunk_tokens": plan.chunk_tokens, "batch_size": plan.batch_size}
         state = _existing_store(config, plan.backend, plan.attrs)
         if config.sequential:
@@ -639,7 +706,8 @@ def _capture_loop(model, store, groups: list[InputGroup], last: str, plan: _Plan
     dtype = getattr(torch, plan.dtype)
     first_chunk = start * plan.cal.ids.shape[1] // plan.chunk_tokens
     buffers = {g.name: _ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
-    writer = _Writer(store, crcs, sum(g.n for g in groups) * dtype.itemsize)
+    writer = _Writer(store, crcs, sum(g.n for g in groups) * dtype.itemsize,
+                     {g.name: g.n for g in groups}, plan.writers)
 
     def hook(name):
         def pre_hook(mod, args, kwargs):

@@ -42,14 +42,14 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def threads_beside_writer(threads: int | None, device: torch.device) -> int | None:
-    """Torch threads for a CPU forward pass that a compressing writer thread runs beside.
+def threads_beside_writer(threads: int | None, device: torch.device, writers: int = 1) -> int | None:
+    """Torch threads for a CPU forward pass that ``writers`` compressing threads run beside.
 
-    Explicit ``threads`` win. On CPU the default leaves one core to the writer: torch's
+    Explicit ``threads`` win. On CPU the default leaves a core to each writer: torch's
     OpenMP threads wait for each other at every operation, so one of them descheduled
-    by the writer stalls them all (SmolLM2 capture on 2 cores: 35.5 s with 2 threads,
+    by a writer stalls them all (SmolLM2 capture on 2 cores: 35.5 s with 2 threads,
     29.6 s with 1, as fast as the plain forward on 1). On CUDA the CPU is left alone.
     """
     if threads is not None or device.type != "cpu":
         return threads
-    return max(1, torch.get_num_threads() - 1)
+    return max(1, torch.get_num_threads() - writers)

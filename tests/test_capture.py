@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -172,28 +173,75 @@ def test_rerun_of_a_finished_capture_is_a_no_op(tiny_model_dir, text_file, ref_s
     assert all(torch.equal(before[n][4], after[n][4]) for n in before["inputs"])
 
 
+@pytest.mark.parametrize("writers", [1, 3])
 def test_disk_full_stops_cleanly_and_resume_equals_uninterrupted(tiny_model_dir, text_file, tmp_path,
-                                                                ref_store, monkeypatch):
+                                                                ref_store, monkeypatch, writers):
     from coala_stream.store import Store
 
     out, real = tmp_path / "s.zarr", Store.write_chunk
-    calls = {"n": 0}
+    calls = itertools.count(1)  # next() is atomic: several writer threads count here
 
     def failing(self, name, index, tensor):
-        calls["n"] += 1
-        if calls["n"] == 12:  # second chunk set, midway: chunk 0 of all 8 inputs is committed
+        if next(calls) == 12:  # second chunk set, midway: chunk 0 of all 8 inputs is committed
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, name, index, tensor)
 
     monkeypatch.setattr(Store, "write_chunk", failing)
     with pytest.raises(CoalaError, match="disk is full.*nothing committed is lost.*rerun"):
-        run_capture(config(tiny_model_dir("float32"), out, text_file), progress=False)
+        run_capture(config(tiny_model_dir("float32"), out, text_file, writers=writers), progress=False)
     with open_store(out) as s:
         assert progress(s.attrs) == (2, False)
     monkeypatch.setattr(Store, "write_chunk", real)
-    summary = run_capture(config(tiny_model_dir("float32"), out, text_file), progress=False)
-    assert summary["samples_before"] == 2
+    summary = run_capture(config(tiny_model_dir("float32"), out, text_file, writers=writers),
+                          progress=False)
+    assert summary["samples_before"] == 2 and summary["writers"] == writers
     assert_same_store(ref_store, out)
+
+
+def test_several_writers_out_of_step_write_the_same_store(tiny_model_dir, text_file, tmp_path,
+                                                          ref_store, monkeypatch):
+    """Commits wait for every writer: one slow writer (the down_proj inputs) still gives
+    each commit exactly the chunks queued before it."""
+    from coala_stream.store import Store
+
+    real, commits = Store.write_chunk, []
+
+    def slow_down(self, name, index, tensor):
+        if name.endswith("down_proj"):
+            time.sleep(0.02)
+        return real(self, name, index, tensor)
+
+    def record(self, samples, committed, complete=False):
+        commits.append({name: len(crcs) for name, (_, crcs) in committed.items()})
+        return real_commit(self, samples, committed, complete)
+
+    real_commit = Store.commit
+    monkeypatch.setattr(Store, "write_chunk", slow_down)
+    monkeypatch.setattr(Store, "commit", record)
+    out = tmp_path / "s.zarr"
+    run_capture(config(tiny_model_dir("float32"), out, text_file, writers=3), progress=False)
+    assert [set(c.values()) for c in commits] == [{1}, {2}, {3}]
+    assert_same_store(ref_store, out)
+
+
+def test_writers_are_balanced_by_input_width():
+    widths = {"q": 576, "o": 576, "gate": 576, "down": 1536, "q1": 576, "o1": 576, "gate1": 576,
+              "down1": 1536}
+    owner = capture.assign_writers(widths, 2)
+    load = [sum(w for nm, w in widths.items() if owner[nm] == k) for k in range(2)]
+    assert load == [3264, 3264] and owner == capture.assign_writers(dict(reversed(widths.items())), 2)
+    assert set(capture.assign_writers(widths, 1).values()) == {0}
+    assert set(capture.assign_writers({"a": 8}, 4).values()) == {0}  # more writers than inputs
+
+
+def test_writers_usage_errors(tiny_model_dir, text_file, tmp_path):
+    with pytest.raises(UsageError, match="--writers must be at least 1"):
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "a.zarr", text_file, writers=0),
+                    progress=False)
+    with pytest.raises(UsageError, match="hdf5 backend writes with one thread"):
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "a.h5", text_file, writers=2),
+                    progress=False)
+    assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "a.h5").exists()
 
 
 def test_sigterm_stops_after_queued_commits_and_exits_75(tiny_model_dir, text_file, tmp_path,
@@ -248,6 +296,10 @@ def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
         run_capture(config(tiny_model_dir("float32"), tmp_path / "b.zarr", text_file, device="cpu",
                            threads=3), progress=False)
         assert set(seen) == {3} and torch.get_num_threads() == 3
+        seen.clear()
+        run_capture(config(tiny_model_dir("float32"), tmp_path / "e.zarr", text_file, device="cpu",
+                           writers=2), progress=False)
+        assert set(seen) == {1}  # a core for each writer
     with torch_threads(1):  # never below one thread
         seen.clear()
         run_capture(config(tiny_model_dir("float32"), tmp_path / "c.zarr", text_file, device="cpu"),

@@ -65,6 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--shard-chunks", type=int, metavar="CHUNKS", help=_help("shard_chunks"))
     p.add_argument("--backend", choices=("zarr", "hdf5"), help=_help("backend"))
     p.add_argument("--threads", type=int, metavar="N", help=_help("threads"))
+    p.add_argument("--writers", type=int, metavar="N", help=_help("writers"))
     p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
     p.add_argument("--sequential", action="store_true", help=_help("sequential"))
     p.add_argument("--hidden-dir", metavar="DIR", help=_help("hidden_dir"))
@@ -87,7 +88,7 @@ def run(args) -> int:
         samples=args.samples, seq_len=args.seq_len, seed=args.seed, layers=args.layers,
         device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
         batch_size=args.batch_size, shard_chunks=args.shard_chunks, backend=args.backend,
-        threads=args.threads,
+        threads=args.threads, writers=args.writers,
         overwrite=args.overwrite, sequential=args.sequential, hidden_dir=args.hidden_dir,
         propagate=args.propagate, ratio=args.ratio, rank=args.rank, method=args.method, mu=args.mu)
     if args.hidden_dir is not None and not args.sequential:
