@@ -51,7 +51,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backend", default="zarr", choices=["zarr", "hdf5"])
     ap.add_argument("--workdir", type=Path, default=None, help="where the stores go (default: a temp dir)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (the plain forward's)")
+    ap.add_argument("--capture-threads", type=int, default=None,
+                    help="capture --threads (default: capture's own, the cores minus --writers)")
+    ap.add_argument("--writers", type=int, default=None, help="capture --writers (default: capture's)")
     ap.add_argument("--shard-chunks", type=int, default=None,
                     help="chunks per zarr shard file (default: the store's default); 1 writes every "
                          "chunk in one piece, more rewrite a growing shard once per chunk")
@@ -63,7 +66,8 @@ def main() -> None:
     spec = models.ModelSpec.from_args(args.model)
     cfg = CaptureConfig(out="unused", model=spec, data=args.data, samples=args.samples,
                         seq_len=args.seq_len, dtype=args.dtype, device="cpu", backend=args.backend,
-                        shard_chunks=args.shard_chunks)
+                        shard_chunks=args.shard_chunks, threads=args.capture_threads,
+                        writers=args.writers)
     batch = cfg.resolved_batch_size()
     ids = calib.calibration_windows(models.load_tokenizer(spec), args.data, args.samples,
                                     args.seq_len, 0).ids
@@ -90,7 +94,8 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     print(f"model {spec.describe()}, {args.dtype}, {args.samples} x {args.seq_len} tokens of "
-          f"{args.data}, batch {batch}, backend {args.backend} (shard_chunks {args.shard_chunks or 'default'}), {summary['inputs']} inputs; "
+          f"{args.data}, batch {batch}, backend {args.backend} (shard_chunks {args.shard_chunks or 'default'}), {summary['inputs']} inputs, "
+          f"capture threads {args.capture_threads or 'default'}, writers {summary['writers']}; "
           f"minimum of {args.repeats}\n")
     print("| load s | forward s | capture s | (capture - load) / forward | raw MB | stored MB | "
           "ratio | MB/s raw written |")
