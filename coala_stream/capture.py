@@ -23,8 +23,8 @@ samples and a resumed run replays exactly the batches of an uninterrupted one:
 killed-and-resumed writes the same bytes.
 
 Memory beyond the model: one chunk buffer per input (``chunk_tokens x
-sum(n)`` in the model dtype) plus at most `QUEUE_CHUNKS` chunks waiting for
-each writer, whatever the number of samples.
+sum(n)`` in the model dtype) plus at most `QUEUE_CHUNKS` chunks waiting to be
+dispatched and `WRITER_QUEUE` waiting for each writer, whatever the number of samples.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from . import calib, models
 from .devices import resolve_device, threads_beside_writer, torch_threads
 from .errors import CoalaError, Interrupted, StoreError, UsageError
 
-QUEUE_CHUNKS = 4  # chunks waiting for the writer; bounds memory beyond the chunk buffers
+QUEUE_CHUNKS = 4  # chunks waiting to be dispatched; bounds memory beyond the chunk buffers
+WRITER_QUEUE = 2  # ... and waiting for each writer thread
 DEFAULT_CHUNK_TOKENS = 2048  # target rows per chunk (rounded down to a multiple of seq_len)
 BACKENDS = ("zarr", "hdf5")
 
@@ -351,20 +352,24 @@ def assign_writers(widths: dict[str, int], writers: int) -> dict[str, int]:
 
 
 class _Writer:
-    """Writer threads: take ("chunk", name, index, tensor) and ("commit", samples,
-    tokens, complete) items from bounded queues, one queue per thread. An input's
-    chunks always go to the same thread, so they are written in order; a commit goes
-    to every queue and is a barrier: the last thread to reach it commits, while the
-    others wait, so it sees every chunk queued before it and no later one. After an
-    error the threads keep draining their queues (so the producer never blocks) and
-    `check` re-raises the error in the producer's thread."""
+    """Writer threads: ("chunk", name, index, tensor) and ("commit", samples, tokens,
+    complete) items go into one bounded queue, and a dispatcher thread hands them on
+    to a bounded queue per writer thread. An input's chunks always go to the same
+    thread, so they are written in order; a commit goes to every thread and is a
+    barrier: the last thread to reach it commits while the others wait, so it sees
+    every chunk queued before it and no later one. The producer only ever puts one
+    item into one queue, so a signal (raised in the main thread) cannot leave a
+    commit queued for some writers and not others, which would hang the barrier.
+    After an error the threads keep draining their queues (so the producer never
+    blocks) and `check` re-raises the error in the producer's thread."""
 
     def __init__(self, store, crcs: dict[str, list[int]], row_bytes: int,
                  widths: dict[str, int] | None = None, writers: int = 1,
                  maxsize: int = QUEUE_CHUNKS):
         self.store, self.crcs, self.row_bytes = store, crcs, row_bytes
         self.owner = assign_writers(widths or {name: 1 for name in crcs}, writers)
-        self.queues = [queue.Queue(maxsize) for _ in range(writers)]
+        self.inbox: queue.Queue = queue.Queue(maxsize)
+        self.queues = [queue.Queue(WRITER_QUEUE) for _ in range(writers)]
         self.barrier = threading.Barrier(writers, action=self._commit)
         self.pending = None
         self.error: BaseException | None = None
@@ -374,6 +379,8 @@ class _Writer:
         self.samples_committed = None
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True,
                                          name=f"coala-capture-writer-{k}") for k in range(writers)]
+        self.threads.append(threading.Thread(target=self._dispatch, daemon=True,
+                                             name="coala-capture-dispatch"))
         for t in self.threads:
             t.start()
 
@@ -383,11 +390,7 @@ class _Writer:
 
     def put(self, item) -> None:
         self.check()
-        if item[0] == "chunk":
-            self.queues[self.owner[item[1]]].put(item)
-        else:
-            for q in self.queues:
-                q.put(item)
+        self.inbox.put(item)
 
     def check(self) -> None:
         if self.error is not None:
@@ -396,12 +399,22 @@ class _Writer:
     def close(self) -> None:
         """Finish the queued items, stop the threads, re-raise an error if any (idempotent)."""
         if any(t.is_alive() for t in self.threads):
-            for q in self.queues:
-                q.put(None)
+            self.inbox.put(None)
             for t in self.threads:
                 t.join()
             self.barrier = None  # its action refers back to self: no cycle left for the GC
         self.check()
+
+    def _dispatch(self) -> None:
+        while True:
+            item = self.inbox.get()
+            if item is not None and item[0] == "chunk":
+                self.queues[self.owner[item[1]]].put(item)
+                continue
+            for q in self.queues:  # a commit, or the end
+                q.put(item)
+            if item is None:
+                return
 
     def _run(self, k: int) -> None:
         q = self.queues[k]

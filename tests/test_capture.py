@@ -244,22 +244,22 @@ def test_writers_usage_errors(tiny_model_dir, text_file, tmp_path):
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "a.h5").exists()
 
 
+@pytest.mark.parametrize("writers", [1, 3])
 def test_sigterm_stops_after_queued_commits_and_exits_75(tiny_model_dir, text_file, tmp_path,
-                                                         ref_store, monkeypatch, capsys):
+                                                         ref_store, monkeypatch, capsys, writers):
     from coala_stream.store import Store
 
     out, real = tmp_path / "s.zarr", Store.write_chunk
-    calls = {"n": 0}
+    calls = itertools.count(1)
 
     def signalling(self, name, index, tensor):
-        calls["n"] += 1
-        if calls["n"] == 10:
+        if next(calls) == 10:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, name, index, tensor)
 
     monkeypatch.setattr(Store, "write_chunk", signalling)
     args = ["capture", str(tiny_model_dir("float32")), "--out", str(out), "--data", str(text_file),
-            "--samples", "5", "--seq-len", "32", "--chunk-tokens", "64"]
+            "--samples", "5", "--seq-len", "32", "--chunk-tokens", "64", "--writers", str(writers)]
     assert main(args) == 75
     assert "interrupted by SIGTERM" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
