@@ -234,6 +234,16 @@ def test_writers_are_balanced_by_input_width():
     assert set(capture.assign_writers({"a": 8}, 4).values()) == {0}  # more writers than inputs
 
 
+def test_default_writers_one_on_cpu_and_hdf5_several_beside_a_gpu(monkeypatch):
+    cfg = CaptureConfig(out="s.zarr", device="cpu")
+    assert cfg.resolved_writers() == 1 and CaptureConfig(out="s.zarr", writers=3).resolved_writers() == 3
+    monkeypatch.setattr(CaptureConfig, "resolved_device", lambda self: torch.device("cuda"))
+    for cores, want in ((1, 1), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(capture.os, "cpu_count", lambda: cores)
+        assert CaptureConfig(out="s.zarr").resolved_writers() == want, cores
+    assert CaptureConfig(out="s.h5").resolved_writers() == 1
+
+
 def test_writers_usage_errors(tiny_model_dir, text_file, tmp_path):
     with pytest.raises(UsageError, match="--writers must be at least 1"):
         run_capture(config(tiny_model_dir("float32"), tmp_path / "a.zarr", text_file, writers=0),
