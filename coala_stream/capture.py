@@ -363,11 +363,11 @@ class _Writer:
     After an error the threads keep draining their queues (so the producer never
     blocks) and `check` re-raises the error in the producer's thread."""
 
-    def __init__(self, store, crcs: dict[str, list[int]], row_bytes: int,
-                 widths: dict[str, int] | None = None, writers: int = 1,
-                 maxsize: int = QUEUE_CHUNKS):
-        self.store, self.crcs, self.row_bytes = store, crcs, row_bytes
-        self.owner = assign_writers(widths or {name: 1 for name in crcs}, writers)
+    def __init__(self, store, crcs: dict[str, list[int]], widths: dict[str, int], itemsize: int,
+                 writers: int = 1, maxsize: int = QUEUE_CHUNKS):
+        self.store, self.crcs = store, crcs
+        self.row_bytes = sum(widths.values()) * itemsize
+        self.owner = assign_writers(widths, writers)
         self.inbox: queue.Queue = queue.Queue(maxsize)
         self.queues = [queue.Queue(WRITER_QUEUE) for _ in range(writers)]
         self.barrier = threading.Barrier(writers, action=self._commit)
@@ -719,8 +719,7 @@ def _capture_loop(model, store, groups: list[InputGroup], last: str, plan: _Plan
     dtype = getattr(torch, plan.dtype)
     first_chunk = start * plan.cal.ids.shape[1] // plan.chunk_tokens
     buffers = {g.name: _ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
-    writer = _Writer(store, crcs, sum(g.n for g in groups) * dtype.itemsize,
-                     {g.name: g.n for g in groups}, plan.writers)
+    writer = _Writer(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize, plan.writers)
 
     def hook(name):
         def pre_hook(mod, args, kwargs):

@@ -609,8 +609,7 @@ def _capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: 
     first_chunk = cap_start * seq_len // plan.chunk_tokens
     buffers = {g.name: _ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
     crcs = {g.name: list(infos[g.name].chunk_crc32) for g in groups}
-    writer = _Writer(store, crcs, sum(g.n for g in groups) * dtype.itemsize,
-                     {g.name: g.n for g in groups}, plan.writers)
+    writer = _Writer(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize, plan.writers)
     stop_after = fire_order[-1] if (not write_output and fire_order) else None
     feeding = [False]
 

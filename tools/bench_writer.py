@@ -54,15 +54,15 @@ def from_store(path: Path) -> tuple[list[torch.Tensor], str, int]:
 def write_sets(work: Path, chunks: list[torch.Tensor], dtype: str, rows: int, sets: int,
                writers: int, shard_chunks: int) -> tuple[float, float, int]:
     names = [f"in{i:03d}" for i in range(len(chunks))]
-    store = create_store(work / f"w{writers}-s{shard_chunks}.zarr", "zarr",
-                         {"dtype": dtype, "chunk_tokens": rows}, shard_chunks=shard_chunks)
+    path = work / f"w{writers}-s{shard_chunks}.zarr"
+    store = create_store(path, "zarr", {"dtype": dtype, "chunk_tokens": rows}, shard_chunks=shard_chunks)
     try:
         for name, c in zip(names, chunks):
             store.create_input(name, c.shape[1], [name])
         crcs = {name: [] for name in names}
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        w = capture._Writer(store, crcs, sum(c.shape[1] for c in chunks) * chunks[0].element_size(),
-                            {name: c.shape[1] for name, c in zip(names, chunks)}, writers)
+        w = capture._Writer(store, crcs, {name: c.shape[1] for name, c in zip(names, chunks)},
+                            chunks[0].element_size(), writers)
         try:
             for k in range(sets):
                 for name, c in zip(names, chunks):
@@ -76,7 +76,7 @@ def write_sets(work: Path, chunks: list[torch.Tensor], dtype: str, rows: int, se
         return wall, cpu, w.stored_bytes
     finally:
         store.close()
-        shutil.rmtree(work / f"w{writers}-s{shard_chunks}.zarr", ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
