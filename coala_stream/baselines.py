@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from .errors import UsageError
-from .linalg import _check_matrix, _check_rank
+from .linalg import check_matrix, check_rank
 
 
 class NumericalFallbackWarning(RuntimeWarning):
@@ -33,8 +33,8 @@ class NumericalFallbackWarning(RuntimeWarning):
 
 def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r approximation of W in the plain Frobenius norm (no data)."""
-    _check_matrix("W", W)
-    _check_rank(rank, *W.shape)
+    check_matrix("W", W)
+    check_rank(rank, *W.shape)
     Wf = W.to(torch.promote_types(W.dtype, torch.float32))
     U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
     return _split(U[:, :rank], S[:rank], Vh[:rank])
@@ -55,12 +55,12 @@ def svdllm_factors(
     On Cholesky failure: damped retries, with a ``NumericalFallbackWarning``.
     Raises ``torch.linalg.LinAlgError`` if all damping tries fail.
     """
-    _check_matrix("W", W)
-    _check_matrix("gram", gram)
+    check_matrix("W", W)
+    check_matrix("gram", gram)
     n = W.shape[1]
     if gram.shape != (n, n):
         raise UsageError(f"gram: expected ({n}, {n}) for W of {tuple(W.shape)}, got {tuple(gram.shape)}")
-    _check_rank(rank, *W.shape)
+    check_rank(rank, *W.shape)
     G = gram.to(dtype)
     S = _damped_cholesky(G, max_damping_tries)
     Wd = W.to(dtype)
@@ -82,8 +82,8 @@ def asvd_factors(
     were never active (mean 0) get a floor of 1e-6 x the largest scale, so the
     unscaling never divides by zero.
     """
-    _check_matrix("W", W)
-    _check_rank(rank, *W.shape)
+    check_matrix("W", W)
+    check_rank(rank, *W.shape)
     n = W.shape[1]
     if not isinstance(abs_mean, torch.Tensor) or abs_mean.shape != (n,):
         raise UsageError(f"abs_mean: expected a tensor of shape ({n},), got {getattr(abs_mean, 'shape', type(abs_mean))}")

@@ -55,7 +55,7 @@ def fold_r(
     """
     _check_work_dtype(dtype)
     if R is not None:
-        _check_matrix("R", R)
+        check_matrix("R", R)
         device = R.device if device is None else device
         R = R.to(device=device, dtype=dtype)
     pending: list[torch.Tensor] = []
@@ -111,8 +111,8 @@ def merge_r(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     Associative and commutative up to rounding, so partial factors from
     workers may merge in any tree.
     """
-    _check_matrix("R1", R1)
-    _check_matrix("R2", R2)
+    check_matrix("R1", R1)
+    check_matrix("R2", R2)
     if R1.shape[1] != R2.shape[1]:
         raise UsageError(
             f"R2: expected {R1.shape[1]} columns to match R1, got {R2.shape[1]}"
@@ -180,7 +180,7 @@ def coala_factors(
         at least float32).
     """
     W, R = _check_w_r(W, R)
-    _check_rank(rank, *W.shape)
+    check_rank(rank, *W.shape)
     U, S = coala_svd(W, R, mu)
     A = U[:, :rank]
     if rank > A.shape[1]:
@@ -197,8 +197,8 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     (QR of A) and P B = U S V^T, returns (Q U S^1/2, S^1/2 V^T). Costs one QR of
     A (m x r) and one SVD of an r x n matrix; no inverse.
     """
-    _check_matrix("A", A)
-    _check_matrix("B", B)
+    check_matrix("A", A)
+    check_matrix("B", B)
     if A.shape[1] != B.shape[0]:
         raise UsageError(f"B: expected {A.shape[1]} rows to match A's columns, got {B.shape[0]}")
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
@@ -356,7 +356,7 @@ def _check_work_dtype(dtype) -> None:
         raise UsageError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
 
 
-def _check_matrix(name: str, T) -> None:
+def check_matrix(name: str, T) -> None:
     if not isinstance(T, torch.Tensor):
         raise UsageError(f"{name}: expected a torch.Tensor, got {type(T).__name__}")
     if T.ndim != 2:
@@ -368,8 +368,8 @@ def _check_matrix(name: str, T) -> None:
 
 
 def _check_w_r(W, R) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_matrix("W", W)
-    _check_matrix("R", R)
+    check_matrix("W", W)
+    check_matrix("R", R)
     if W.shape[1] != R.shape[1]:
         raise UsageError(
             f"R: expected {W.shape[1]} columns (W is {W.shape[0]} x {W.shape[1]}, out x in), "
@@ -379,7 +379,7 @@ def _check_w_r(W, R) -> tuple[torch.Tensor, torch.Tensor]:
     return W.to(dtype), R.to(device=W.device, dtype=dtype)
 
 
-def _check_rank(rank, m: int, n: int) -> None:
+def check_rank(rank, m: int, n: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise UsageError(f"rank: expected an int, got {type(rank).__name__}")
     if not 1 <= rank <= min(m, n):
