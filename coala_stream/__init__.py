@@ -1,31 +1,45 @@
 """coala-stream: Gram-free context-aware low-rank approximation (COALA) at scale.
 
-The math core (``fold_r``, ``merge_r``, ``coala_factors``, baselines) is
-imported eagerly and needs only torch. The pipeline (store, capture, reduce,
-solve, export, eval) is imported on first use, so ``import coala_stream``
-does not pull in transformers, zarr or dask.
+Everything is imported on first use (PEP 562), so ``import coala_stream`` costs
+nothing, the CLI can configure the process (threads) before torch is imported,
+and the math (``fold_r``, ``merge_r``, ``coala_factors``, the baselines) does not
+pull in transformers, zarr or dask.
 """
 
 from importlib import import_module
 
 from ._version import __version__
-from .baselines import asvd_factors, svd_factors, svdllm_factors
-from .errors import CoalaError, CheckpointMismatch, DataError, Interrupted, LockedError, StoreError, UsageError
-from .linalg import coala_factors, coala_svd, fold_r, merge_r, rank_for_ratio, regularize_r, tail_energy
+from .errors import CheckpointMismatch, CoalaError, DataError, Interrupted, LockedError, StoreError, UsageError
 
 # public name -> module that defines it
 _LAZY = {
+    "fold_r": "linalg",
+    "merge_r": "linalg",
+    "coala_factors": "linalg",
+    "coala_svd": "linalg",
+    "regularize_r": "linalg",
+    "tail_energy": "linalg",
+    "rank_for_ratio": "linalg",
+    "output_factors": "objective",
+    "svd_factors": "baselines",
+    "svdllm_factors": "baselines",
+    "asvd_factors": "baselines",
+    "aasvd_factors": "baselines",
     "open_store": "store",
     "create_store": "store",
     "CaptureConfig": "capture",
     "run_capture": "capture",
+    "SequentialConfig": "sequential",
+    "run_sequential": "sequential",
     "ReduceConfig": "reduce",
     "run_reduce": "reduce",
     "SolveConfig": "solve",
     "run_solve": "solve",
+    "load_output": "export",
     "load_model": "export",
     "EvalConfig": "evaluate",
     "perplexity": "evaluate",
+    "store_status": "status",
 }
 
 
@@ -42,16 +56,6 @@ def __dir__():
 
 
 __all__ = [
-    "fold_r",
-    "merge_r",
-    "coala_factors",
-    "coala_svd",
-    "regularize_r",
-    "tail_energy",
-    "rank_for_ratio",
-    "svd_factors",
-    "svdllm_factors",
-    "asvd_factors",
     "__version__",
     "CoalaError",
     "CheckpointMismatch",

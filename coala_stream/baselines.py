@@ -12,6 +12,11 @@ passes about 1/sqrt(eps) of the working precision.
   small multiple of the mean diagonal, then retry with growing damping).
 - ``asvd_factors``: ASVD (Yuan et al., 2023): scale columns by
   diag(mean |x|)^alpha, SVD, unscale.
+- ``aasvd_factors``: AA-SVD (Sinha & Fleuret, 2026, arXiv 2604.02119): the
+  propagated-input objective ||T W^T - Xh W'^T|| from the Gram matrices of
+  the compressed-model inputs Xh and the original inputs X, with Cholesky of
+  Xh^T Xh and explicit inverses; ``objective.output_factors`` is the
+  Gram-free counterpart.
 
 All return (A, B) with W' = A @ B, A (m x r), B (r x n), each carrying
 sqrt of the kept singular values so both factors have similar scale.
@@ -94,6 +99,46 @@ def asvd_factors(
     scale = torch.clamp(scale, min=float(scale.max()) * 1e-6 if float(scale.max()) > 0 else 1.0)
     U, S, Vh = torch.linalg.svd(W.to(dtype) * scale, full_matrices=False)
     return _split(U[:, :rank], S[:rank], Vh[:rank] / scale)
+
+
+def aasvd_factors(
+    W: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    alpha: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_damping_tries: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AA-SVD from the 2n x 2n Gram matrix of [Xh | X], as its authors compute it.
+
+    ``gram`` = [Xh | X]^T [Xh | X] holds C = Xh^T Xh (top left) and
+    X^T Xh (bottom left). With T = alpha X + (1 - alpha) Xh,
+    T^T Xh = alpha X^T Xh + (1 - alpha) C. C = S S^T (Cholesky in ``dtype``,
+    damped on failure with a ``NumericalFallbackWarning``);
+    W* S = W (T^T Xh) S^-T with the explicit inverse of S^T (W* = W T^T Xh C^-1
+    is the unconstrained optimum); W* S = U Sigma V^T; W' = U_r Sigma_r V_r^T S^-1.
+    alpha = 1 is the paper's objective 4 (AA-SVD), alpha = 0 objective 3.
+    Raises ``torch.linalg.LinAlgError`` if all damping tries fail.
+    """
+    check_matrix("W", W)
+    check_matrix("gram", gram)
+    n = W.shape[1]
+    if gram.shape != (2 * n, 2 * n):
+        raise UsageError(
+            f"gram: expected the ({2 * n}, {2 * n}) Gram matrix of [Xh | X] for W of "
+            f"{tuple(W.shape)}, got {tuple(gram.shape)}"
+        )
+    check_rank(rank, *W.shape)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    G = gram.to(dtype)
+    C = G[:n, :n]
+    mixed = alpha * G[n:, :n] + (1.0 - alpha) * C  # T^T Xh
+    S = _damped_cholesky(C, max_damping_tries)
+    S_inv_T = torch.linalg.inv(S.T)
+    U, sig, Vh = torch.linalg.svd(W.to(dtype) @ mixed @ S_inv_T, full_matrices=False)
+    return _split(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv_T.T)
 
 
 def _damped_cholesky(G: torch.Tensor, tries: int) -> torch.Tensor:

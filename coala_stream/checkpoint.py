@@ -13,7 +13,7 @@ I/O only, no linear algebra. Three pieces:
   the same file is the checkpoint (``complete: false``) and the result.
 - ``StoreLock``: an ``O_CREAT | O_EXCL`` lock file holding pid, hostname,
   start time and a random token. The holder refreshes its mtime (a heartbeat
-  thread). A lock is stale, and taken over with a warning, when its pid is
+  thread). A lock is stale, and taken over with a one-line notice on stderr, when its pid is
   dead on this host or its heartbeat is older than ``stale_after`` seconds
   (the only test possible for a holder on another host).
 """
@@ -25,8 +25,8 @@ import os
 import secrets
 import socket
 import threading
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ import torch
 from .errors import DataError, LockedError, UsageError
 
 META_KEY = "coala"
+REDUCE_LOCK = "lock"
+STALE_AFTER = 120.0  # seconds without a heartbeat after which a lock on another host is stale  # in the store's reduce directory
 TEMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<random>" in the target directory
 
 
@@ -179,7 +181,7 @@ class StoreLock:
     held, a daemon thread touches the file every ``heartbeat`` seconds. Another
     process refuses with LockedError naming the holder, unless the lock is
     stale: its pid is gone on this same host, or its mtime is older than
-    ``stale_after`` seconds. A stale lock is taken over with a warning.
+    ``stale_after`` seconds. A stale lock is taken over with a one-line notice on stderr.
 
     If the file is removed or replaced by someone else while held, ``lost``
     becomes True (checked by ``check()``), so a driver stops instead of two
@@ -187,7 +189,8 @@ class StoreLock:
     """
 
     def __init__(self, path, *, what: str = "process", heartbeat: float = 10.0,
-                 stale_after: float = 120.0):
+                 stale_after: float = None):
+        stale_after = STALE_AFTER if stale_after is None else stale_after
         if not 0 < heartbeat < stale_after:
             raise UsageError(
                 f"heartbeat: expected 0 < heartbeat < stale_after, got {heartbeat} and {stale_after}"
@@ -216,12 +219,9 @@ class StoreLock:
             reason = self._stale_reason(holder)
             if reason is None:
                 raise LockedError(self._locked_message(holder))
-            if self._take_over(holder):
-                warnings.warn(
-                    f"taking over the stale {self.what} lock {self.path} "
-                    f"(held by {_describe(holder)}: {reason})",
-                    stacklevel=2,
-                )
+            if self._take_over(holder):  # one plain line: a log reader needs no Python warning
+                print(f"coala-stream: note: taking over the stale {self.what} lock {self.path} "
+                      f"(held by {describe_holder(holder)}: {reason})", file=sys.stderr)
         raise LockedError(f"could not take the lock {self.path}: other processes keep racing for it")
 
     def release(self) -> None:
@@ -264,13 +264,7 @@ class StoreLock:
         return True
 
     def _stale_reason(self, holder: dict) -> str | None:
-        if holder.get("hostname") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            if not _pid_alive(holder["pid"]):
-                return f"process {holder['pid']} is no longer running"
-        age = holder.get("_age")
-        if age is not None and age > self.stale_after:
-            return f"no heartbeat for {age:.0f} s (limit {self.stale_after:.0f} s)"
-        return None
+        return stale_reason(holder, self.stale_after)
 
     def _take_over(self, holder: dict) -> bool:
         """Remove the stale lock if it is still the one we judged; True if removed.
@@ -321,10 +315,31 @@ class StoreLock:
     def _locked_message(self, holder: dict) -> str:
         return (
             f"another {holder.get('what', 'process')} holds the lock {self.path} "
-            f"({_describe(holder)}); wait for it to finish. If that process is gone, "
+            f"({describe_holder(holder)}); wait for it to finish. If that process is gone, "
             f"the lock is taken over automatically once it is stale (its pid is dead on this "
             f"host, or no heartbeat for {self.stale_after:.0f} s), or remove the file by hand"
         )
+
+
+def stale_reason(holder: dict, stale_after: float = STALE_AFTER) -> str | None:
+    """Why a lock record is stale (its pid is dead on this host, or no heartbeat for
+    ``stale_after`` seconds), None while its holder counts as alive. The one test every
+    lock user and `status` apply."""
+    if holder.get("hostname") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        if not _pid_alive(holder["pid"]):
+            return f"process {holder['pid']} is no longer running"
+    age = holder.get("_age")
+    if age is not None and age > stale_after:
+        return f"no heartbeat for {age:.0f} s (limit {stale_after:.0f} s)"
+    return None
+
+
+def live_holder(path, stale_after: float = STALE_AFTER) -> dict | None:
+    """The record of a live holder of the lock at ``path``; None if free or stale."""
+    holder = read_lock(path)
+    if holder is None or stale_reason(holder, stale_after) is not None:
+        return None
+    return holder
 
 
 def read_lock(path) -> dict | None:
@@ -349,7 +364,7 @@ def read_lock(path) -> dict | None:
     return record
 
 
-def _describe(holder: dict) -> str:
+def describe_holder(holder: dict) -> str:
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
     return (f"pid {holder.get('pid', '?')} on host {holder.get('hostname', '?')}, started {when}, "

@@ -23,15 +23,14 @@ directory by `export.detect_format`).
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import calib, export, models
-from .devices import resolve_device
+from .devices import resolve_device, torch_threads
 from .errors import CoalaError, UsageError
 
 
@@ -41,24 +40,29 @@ class EvalConfig:
 
     model: str | None = field(default=None, metadata={
         "help": "a Hugging Face model directory, a .gguf file, or a solve output (factorized, "
-                "dense or peft, detected); default: the embedded SmolLM2-135M-Instruct"})
+                "dense or peft, detected); default: the embedded SmolLM2-135M-Instruct",
+        "positional": True, "metavar": "MODEL_OR_DIR"})
     gguf_file: str | None = field(default=None, metadata={
-        "help": "name of the GGUF file inside MODEL (when MODEL is a directory holding one)"})
+        "help": "name of the GGUF file inside MODEL (when MODEL is a directory holding one)",
+        "metavar": "NAME"})
     data: str = field(default=calib.BUILTIN_HELDOUT, metadata={
         "help": "evaluation text: 'builtin:heldout' (the part of CPython's pydoc topics that "
                 "calibration's 'builtin' never uses), 'builtin', 'builtin:all', or a UTF-8 text "
-                "file, e.g. wiki.test.raw; used whole, line endings normalised to \\n"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per window"})
+                "file, e.g. wiki.test.raw; used whole, line endings normalised to \\n",
+        "metavar": "builtin:heldout|PATH"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per window", "metavar": "N"})
     max_windows: int | None = field(default=None, metadata={
-        "help": "evaluate only the first N windows (default: all that fit in the text)"})
-    batch_size: int = field(default=1, metadata={"help": "windows per forward pass"})
+        "help": "evaluate only the first N windows (default: all that fit in the text)",
+        "metavar": "N"})
+    batch_size: int = field(default=1, metadata={"help": "windows per forward pass",
+                                                 "metavar": "N"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: the CPUs this process may use, see the README's "
+                "'Threads')", "metavar": "N"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto|float32|bfloat16|float16 (auto: the saved dtype; GGUF loads as float32)"})
-
-
-def config_help(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(EvalConfig) if f.name == name)
+        "help": "auto: the saved dtype (GGUF loads as float32)",
+        "choices": ("auto", *models.DTYPES)})
 
 
 @dataclass
@@ -145,7 +149,7 @@ def load_for_eval(model: str | None, gguf_file: str | None = None, dtype: str = 
     path = None if model is None else Path(model).expanduser()
     kind = export.detect_format(path) if path is not None and path.is_dir() else None
     if kind in ("factorized", "dense", "peft"):
-        net = export.load_model(path, dtype=None if dtype == "auto" else dtype)
+        net = export.load_output(path, dtype=None if dtype == "auto" else dtype)
         return net, export.load_tokenizer(path), str(path), kind
     spec = models.ModelSpec.from_args(model, gguf_file)
     config = models.load_config(spec)
@@ -161,13 +165,14 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True, **override
         setattr(config, key, value)
     _validate(config)
     t0 = time.perf_counter()
-    text, source = calib.load_text(config.data)
-    net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
-    calib.check_seq_len(config.seq_len, models.max_positions(net.config))
+    text, source = calib.load_text(config.data)  # bad data fails before the model loads
     device = resolve_device(config.device)
-    net.to(device)
-    res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
-                     config.batch_size, progress)
+    with torch_threads(config.threads):
+        net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
+        calib.check_seq_len(config.seq_len, models.max_positions(net.config))
+        net.to(device)
+        res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
+                         config.batch_size, progress)
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     return PerplexityResult(data=source, model=name, model_format=fmt, seq_len=config.seq_len,
                             dtype=dtype, device=str(device),
@@ -185,6 +190,5 @@ def _validate(config: EvalConfig) -> None:
     if config.model is not None and not Path(config.model).expanduser().exists():
         raise CoalaError(f"model not found: {config.model} does not exist (give a model directory, "
                          f"a .gguf file, a solve output, or omit MODEL for the embedded SmolLM2)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -55,7 +55,7 @@ def fold_r(
     """
     _check_work_dtype(dtype)
     if R is not None:
-        check_matrix("R", R)
+        check_triangular("R", R)
         device = R.device if device is None else device
         R = R.to(device=device, dtype=dtype)
     pending: list[torch.Tensor] = []
@@ -111,8 +111,8 @@ def merge_r(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
     Associative and commutative up to rounding, so partial factors from
     workers may merge in any tree.
     """
-    check_matrix("R1", R1)
-    check_matrix("R2", R2)
+    check_triangular("R1", R1)
+    check_triangular("R2", R2)
     if R1.shape[1] != R2.shape[1]:
         raise UsageError(
             f"R2: expected {R1.shape[1]} columns to match R1, got {R2.shape[1]}"
@@ -127,7 +127,7 @@ def regularize_r(R: torch.Tensor, mu: float) -> torch.Tensor:
     ``||X (W - W')^T||^2 + mu ||W - W'||^2`` equals the plain objective for X
     augmented with sqrt(mu) I, so regularisation is one more fold, no inverse.
     """
-    mu = _check_mu(mu)
+    mu = check_mu(mu)
     if mu == 0.0:
         return R
     n = R.shape[1]
@@ -184,7 +184,7 @@ def coala_factors(
     U, S = coala_svd(W, R, mu)
     A = U[:, :rank]
     if rank > A.shape[1]:
-        A = torch.cat([A, _residual_directions(W, A, rank - A.shape[1])], dim=1)
+        A = torch.cat([A, residual_directions(W, A, rank - A.shape[1])], dim=1)
     B = A.T @ W
     return (A, B, S) if return_singular_values else (A, B)
 
@@ -315,10 +315,20 @@ def _canonical(R: torch.Tensor) -> torch.Tensor:
     return R[:k] * sign.unsqueeze(1)
 
 
-def _residual_directions(W: torch.Tensor, A: torch.Tensor, count: int) -> torch.Tensor:
+def residual_directions(W: torch.Tensor, A: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` orthonormal columns orthogonal to A's (A: m x k, orthonormal columns), the
+    top left singular vectors of the residual W - A A^T W first.
+
+    When the residual has fewer than ``count`` nonzero singular values (W rank-deficient),
+    its remaining singular vectors are arbitrary and may lie in span(A); a Householder QR
+    of [A | U] makes them orthogonal to A (its Q is orthonormal whatever the rank), while
+    the residual's nonzero directions, already orthogonal to A, are kept (up to sign).
+    """
     residual = W - A @ (A.T @ W)
     U, _, _ = torch.linalg.svd(residual, full_matrices=False)
-    return U[:, :count]
+    k = A.shape[1]
+    Q, _ = torch.linalg.qr(torch.cat([A, U], dim=1), mode="complete" if k + U.shape[1] > W.shape[0] else "reduced")
+    return Q[:, k:k + count]
 
 
 NOT_FINITE = "holds NaN or Inf values; refusing to fold them into R"
@@ -367,6 +377,19 @@ def check_matrix(name: str, T) -> None:
         raise UsageError(f"{name}: holds NaN or Inf values")
 
 
+def check_triangular(name: str, R) -> None:
+    """UsageError unless R is a finite float matrix that is upper triangular (trapezoidal):
+    the CPU fold reads only R's upper triangle, so a full matrix would be folded wrongly
+    without a word (the CUDA QR reads all of it)."""
+    check_matrix(name, R)
+    below = torch.tril(R, diagonal=-1)
+    if bool(below.any()):
+        i, j = (int(v) for v in below.nonzero()[0])
+        raise UsageError(f"{name}: expected an upper triangular (trapezoidal) factor such as "
+                         f"fold_r returns, but entry ({i}, {j}) below the diagonal is "
+                         f"{float(R[i, j]):.3g}; pass the R of a QR, not the data")
+
+
 def _check_w_r(W, R) -> tuple[torch.Tensor, torch.Tensor]:
     check_matrix("W", W)
     check_matrix("R", R)
@@ -386,7 +409,7 @@ def check_rank(rank, m: int, n: int) -> None:
         raise UsageError(f"rank: expected 1 <= rank <= min(m, n) = {min(m, n)} for W of {m} x {n}, got {rank}")
 
 
-def _check_mu(mu) -> float:
+def check_mu(mu) -> float:
     if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not math.isfinite(mu) or mu < 0:
         raise UsageError(f"mu: expected a finite number >= 0, got {mu!r}")
     return float(mu)

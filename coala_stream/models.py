@@ -23,7 +23,7 @@ import importlib.util
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CoalaError, UsageError
@@ -50,6 +50,7 @@ class ModelSpec:
 
     path: str | None = None
     gguf_file: str | None = None
+    given: str | None = field(default=None, compare=False)  # as the user typed it, for messages
 
     @classmethod
     def from_args(cls, path: str | os.PathLike | None, gguf_file: str | None = None) -> "ModelSpec":
@@ -60,8 +61,8 @@ class ModelSpec:
             return cls()
         p = Path(path).expanduser()
         if gguf_file is None and p.suffix.lower() == ".gguf" and not p.is_dir():
-            return cls(str(p.parent.resolve()), p.name)
-        return cls(str(p.resolve()), gguf_file)
+            return cls(str(p.parent.resolve()), p.name, str(path))
+        return cls(str(p.resolve()), gguf_file, str(path))
 
     @property
     def embedded(self) -> bool:
@@ -73,8 +74,9 @@ class ModelSpec:
             return embedded_model_dir(), EMBEDDED_GGUF
         d = Path(self.path)
         if not d.exists():
-            raise CoalaError(f"model not found: {d} does not exist (give a local Hugging Face "
-                             f"model directory, a .gguf file, or omit MODEL for the embedded SmolLM2)")
+            raise CoalaError(f"model not found: {d} does not exist" + hub_hint(self.given or str(d))
+                             + " (give a local Hugging Face model directory, a .gguf file, or "
+                               "omit MODEL for the embedded SmolLM2)")
         if not d.is_dir():
             raise CoalaError(f"model not found: {d} is not a directory or a .gguf file")
         if self.gguf_file is not None:
@@ -101,6 +103,17 @@ class ModelSpec:
     def from_attrs(cls, attrs: dict) -> "ModelSpec":
         """From the store's ``model`` attribute (extra keys such as config_sha256 are ignored)."""
         return cls(attrs.get("path"), attrs.get("gguf_file"))
+
+
+def hub_hint(given: str) -> str:
+    """For a name that looks like a Hub id (ORG/NAME, not a local path): say that only local
+    models are read and how to get one."""
+    parts = given.split("/")
+    if len(parts) == 2 and all(parts) and not given.startswith((".", "~")) and not Path(given).exists():
+        return (f"; {given!r} looks like a Hugging Face Hub id, but coala-stream reads only local "
+                f"models (no downloads at run time): download it first with "
+                f"`hf download {given} --local-dir ./{parts[1]}` and pass ./{parts[1]}")
+    return ""
 
 
 def embedded_model_dir() -> Path:
@@ -143,9 +156,19 @@ def gguf_parsed_once():
         gguf.GGUFReader = original
 
 
-def _offline() -> None:
+@contextmanager
+def offline():
+    """Within this block the Hugging Face libraries do not touch the network (HF_HUB_OFFLINE=1),
+    as the loads here always pass local_files_only; the caller's environment is restored after."""
+    before = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
 
 
 def _gguf_kwargs(gguf_file: str | None) -> dict:
@@ -162,10 +185,11 @@ def load_config(spec: ModelSpec):
     """The model's transformers config (cheap for an HF dir; parses the GGUF header for GGUF)."""
     from transformers import AutoConfig
 
-    _offline()
     d, gguf_file = spec.resolve()
     try:
-        return AutoConfig.from_pretrained(d, local_files_only=True, **_gguf_kwargs(gguf_file))
+        with offline():
+            return AutoConfig.from_pretrained(d, local_files_only=True, trust_remote_code=False,
+                                              **_gguf_kwargs(gguf_file))
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot read the model config from {spec.describe()}: {exc}") from exc
 
@@ -173,10 +197,11 @@ def load_config(spec: ModelSpec):
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
-    _offline()
     d, gguf_file = spec.resolve()
     try:
-        return AutoTokenizer.from_pretrained(d, local_files_only=True, **_gguf_kwargs(gguf_file))
+        with offline():
+            return AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=False,
+                                                 **_gguf_kwargs(gguf_file))
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot load the tokenizer of {spec.describe()}: {exc}") from exc
 
@@ -191,7 +216,6 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    _offline()
     d, gguf_file = spec.resolve()
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     kwargs = dict(local_files_only=True, dtype=torch_dtype, **_gguf_kwargs(gguf_file))
@@ -201,7 +225,8 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
+        with offline():
+            model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot load the model {spec.describe()}: {exc}") from exc
     finally:
@@ -259,83 +284,33 @@ def tokenizer_attrs(tokenizer) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Loading one part at a time (capture --sequential)
+# The one skeleton builder
 
-def load_skeleton(config, dtype):
-    """The causal LM built from ``config`` on the ``meta`` device: every module and
-    parameter shape, no memory. Parts are materialised later (`LazyWeights`)."""
+def build_model(config, dtype=None):
+    """An untrained model of ``config.architectures[0]`` (so module names match what capture
+    saw), else an AutoModelForCausalLM. Under ``torch.device("meta")`` it is a skeleton;
+    inside transformers' ``no_init_weights`` an uninitialised model to load weights into."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
-    _offline()
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    kwargs = {} if dtype is None else {"dtype": getattr(torch, dtype) if isinstance(dtype, str) else dtype}
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls._from_config(config, **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def skeleton(config, dtype=None):
+    """The model built from ``config`` on the ``meta`` device: every module and parameter
+    shape, no memory; in eval mode without gradients. Parts are materialised later."""
+    import torch
+
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            model = build_model(config, dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot build the model from its config ({exc})") from exc
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-class LazyWeights:
-    """The tensors of a Hugging Face safetensors checkpoint (one file or an index of
-    shards), read by name when asked for: a file is opened (memory-mapped) only while
-    `read` copies tensors out of it, so nothing stays resident between calls."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        single = self.directory / "model.safetensors"
-        if index.is_file():
-            try:
-                self.files = dict(json.loads(index.read_text())["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CoalaError(f"cannot read the checkpoint index {index}: {exc}") from exc
-        elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.files = {k: single.name for k in f.keys()}
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-
-    @classmethod
-    def find(cls, spec: ModelSpec) -> "LazyWeights | None":
-        """The checkpoint of an HF directory in safetensors format; None for GGUF models
-        and other formats (pytorch_model.bin), which load whole."""
-        d, gguf_file = spec.resolve()
-        if gguf_file is not None:
-            return None
-        try:
-            return cls(d)
-        except FileNotFoundError:
-            return None
-
-    def key(self, name: str) -> str:
-        """The checkpoint's name for the model's parameter ``name`` (a checkpoint of the
-        base model lacks the ``model.`` prefix); CoalaError if it has none."""
-        if name in self.files:
-            return name
-        head, _, rest = name.partition(".")
-        if rest in self.files:
-            return rest
-        raise CoalaError(f"the checkpoint in {self.directory} has no tensor {name!r} (its names "
-                         f"look like {next(iter(self.files), 'nothing')!r}); capture without "
-                         f"--sequential loads it through transformers' renaming rules")
-
-    def read(self, names) -> dict:
-        """{name: CPU tensor as stored} for the model parameter ``names`` (a tensor maps the
-        file privately until it is dropped: copy it where it belongs, then drop it)."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[self.key(name)], []).append(name)
-        out = {}
-        for file, group in by_file.items():
-            with safe_open(self.directory / file, framework="pt", device="cpu") as f:
-                for name in group:
-                    out[name] = f.get_tensor(self.key(name))
-        return out

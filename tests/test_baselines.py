@@ -8,8 +8,15 @@ import warnings
 import pytest
 import torch
 
-from coala_stream.baselines import NumericalFallbackWarning, asvd_factors, svd_factors, svdllm_factors
+from coala_stream.baselines import (
+    NumericalFallbackWarning,
+    aasvd_factors,
+    asvd_factors,
+    svd_factors,
+    svdllm_factors,
+)
 from coala_stream.linalg import coala_factors, fold_r
+from coala_stream.objective import output_factors
 
 from .test_linalg import log_spectrum, objective, spectrum_matrix
 
@@ -86,6 +93,44 @@ def test_gram_whitening_visibly_loses_accuracy_with_outlier_features(cond):
     factors, _ = _fp32_gram_pipeline(X, W, r)
     assert coala32 <= optimum * (1 + 1e-3)
     assert factors is None or objective(X, W, *factors) > optimum * 1.01
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_aasvd_equals_the_gram_free_objective_in_float64_on_well_conditioned_data(alpha):
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 16, generator=g, dtype=F64)
+    Xh = X + 0.3 * torch.randn(300, 16, generator=g, dtype=F64)
+    W = torch.randn(24, 16, generator=g, dtype=F64)
+    Z = torch.cat([Xh, X], dim=1)
+    A, B = aasvd_factors(W, Z.T @ Z, 5, alpha, dtype=F64)
+    A2, B2 = output_factors(W, fold_r([Z], dtype=F64), 5, alpha)
+    torch.testing.assert_close(A @ B, A2 @ B2, rtol=0, atol=1e-10)
+
+
+def test_aasvd_with_unshifted_inputs_is_svdllm():
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 16, generator=g, dtype=F64)
+    W = torch.randn(10, 16, generator=g, dtype=F64)
+    Z = torch.cat([X, X], dim=1)
+    A, B = aasvd_factors(W, Z.T @ Z, 5, 1.0, dtype=F64)
+    A2, B2 = svdllm_factors(W, X.T @ X, 5, dtype=F64)
+    torch.testing.assert_close(A @ B, A2 @ B2)
+
+
+def test_aasvd_damps_a_singular_gram_with_a_warning():
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(8, 16, generator=g, dtype=F64)  # 8 tokens < 16 features: C is singular
+    Z = torch.cat([X, X], dim=1)
+    with pytest.warns(NumericalFallbackWarning):
+        A, B = aasvd_factors(torch.randn(10, 16, generator=g), Z.T @ Z, 4)
+    assert bool(torch.isfinite(A @ B).all())
+
+
+def test_aasvd_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="gram"):
+        aasvd_factors(torch.randn(5, 4), torch.eye(4), 2)
+    with pytest.raises(ValueError, match="alpha"):
+        aasvd_factors(torch.randn(5, 4), torch.eye(8), 2, 1.5)
 
 
 def test_svdllm_rejects_wrong_gram_shape():

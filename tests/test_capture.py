@@ -239,7 +239,7 @@ def test_default_writers_one_on_cpu_and_hdf5_several_beside_a_gpu(monkeypatch):
     assert cfg.resolved_writers() == 1 and CaptureConfig(out="s.zarr", writers=3).resolved_writers() == 3
     monkeypatch.setattr(CaptureConfig, "resolved_device", lambda self: torch.device("cuda"))
     for cores, want in ((1, 1), (2, 1), (3, 2), (16, 4)):
-        monkeypatch.setattr(capture.os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(capture.config, "available_cpus", lambda: cores)
         assert CaptureConfig(out="s.zarr").resolved_writers() == want, cores
     assert CaptureConfig(out="s.h5").resolved_writers() == 1
 
@@ -294,8 +294,14 @@ def test_writer_bug_propagates_to_the_caller(tiny_model_dir, text_file, tmp_path
 def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
         tiny_model_dir, text_file, tmp_path, monkeypatch):
     seen = []
-    forward = capture._forward
-    monkeypatch.setattr(capture, "_forward", lambda *a: (seen.append(torch.get_num_threads()), forward(*a))[1])
+    from coala_stream.capture import run as capture_run
+
+    from coala_stream import devices
+
+    forward = capture_run.forward
+    monkeypatch.setattr(capture_run, "forward", lambda *a: (seen.append(torch.get_num_threads()), forward(*a))[1])
+    # the default starts from the thread rule's count (here made 3), one core left to the writer
+    monkeypatch.setattr(devices, "default_threads", lambda *a: (3, "test budget"))
     with torch_threads(3):
         run_capture(config(tiny_model_dir("float32"), tmp_path / "a.zarr", text_file, device="cpu"),
                     progress=False)
@@ -310,6 +316,7 @@ def test_cpu_forward_leaves_a_core_to_the_writer_and_restores_torch_threads(
         run_capture(config(tiny_model_dir("float32"), tmp_path / "e.zarr", text_file, device="cpu",
                            writers=2), progress=False)
         assert set(seen) == {1}  # a core for each writer
+    monkeypatch.setattr(devices, "default_threads", lambda *a: (1, "test budget"))
     with torch_threads(1):  # never below one thread
         seen.clear()
         run_capture(config(tiny_model_dir("float32"), tmp_path / "c.zarr", text_file, device="cpu"),

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from coala_stream import export
+from coala_stream.weights import LazyWeights
 from coala_stream.errors import CoalaError, UsageError
 from coala_stream.linalg import coala_factors, fold_r
 
@@ -54,7 +55,7 @@ def activation_factors(model, names, batches=4, seq=32) -> dict[str, torch.Tenso
 
 def write(fmt, model_dir, out, ranks, Rs, overwrite=False):
     """What solve does, minus the store: COALA factors for ``ranks`` into format ``fmt``."""
-    source = export.ShardedCheckpoint(model_dir)
+    source = LazyWeights(model_dir)
     factors = {}
 
     def factor(name, W):

@@ -6,6 +6,7 @@ error, and peak memory does not grow with the number of blocks."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import signal
@@ -18,12 +19,21 @@ import pytest
 import torch
 
 from coala_stream import sequential
-from coala_stream.capture import run_capture
 from coala_stream.cli import main
 from coala_stream.errors import CoalaError, StoreError
+from coala_stream.reduce import read_result
+from coala_stream.sequential import SequentialConfig
+from coala_stream.sequential import run as run_capture  # what `coala-stream capture` runs
+from coala_stream.sequential import propagate as seq_propagate
+
+seq_run = importlib.import_module("coala_stream.sequential.run")  # the module (`run` is also a function)
 from coala_stream.store import open_store
 
-from .test_capture import CLI, SMALL, assert_same_store, config, store_contents, text_file  # noqa: F401
+from .test_capture import CLI, SMALL, assert_same_store, store_contents, text_file  # noqa: F401
+
+
+def config(model_dir, out, text_file, **kw) -> SequentialConfig:
+    return SequentialConfig(out=str(out), model=str(model_dir), data=str(text_file), **{**SMALL, **kw})
 
 # test_capture's SMALL (2 full chunks and a partial one), with 3 blocks.
 LAYERS3 = dict(num_hidden_layers=3)
@@ -67,6 +77,7 @@ def assert_equal_attrs(a: Path, b: Path) -> None:
     ca, cb = da["capture_settings"], db["capture_settings"]
     assert cb.pop("sequential") is True and cb.pop("probe_crc32") is None
     ca.pop("probe_crc32")
+    assert ca.pop("sequential") is False
     assert ca == cb
 
 
@@ -201,17 +212,17 @@ def test_failure_between_blocks_then_rerun_equals_uninterrupted(tiny_model_dir, 
     loaded = []
     monkeypatch.setattr(sequential.BlockModel, "load_block",
                         lambda self, k: (loaded.append(k), real(self, k))[1])
-    real_finish = sequential._finish
+    real_finish = seq_run.finish
 
     def finish_then_fail(store, *args):
         real_finish(store, *args)
         raise RuntimeError("injected: killed after the final commit")
 
-    monkeypatch.setattr(sequential, "_finish", finish_then_fail)
+    monkeypatch.setattr(seq_run, "finish", finish_then_fail)
     with pytest.raises(RuntimeError, match="after the final commit"):
         run_capture(config(model_dir, out, text_file, sequential=True), progress=False)
     assert loaded == [2] and _progress(out)["next_block"] == 3  # blocks 0 and 1 not run again
-    monkeypatch.setattr(sequential, "_finish", real_finish)
+    monkeypatch.setattr(seq_run, "finish", real_finish)
     s = run_capture(config(model_dir, out, text_file, sequential=True), progress=False)
     assert s["status"] == "already complete" and not sequential.default_hidden_dir(str(out)).exists()
     assert_same_store(ordinary(model_dir), out)
@@ -354,15 +365,15 @@ def test_hidden_dir_that_is_not_ours_is_refused(tiny_model_dir, text_file, tmp_p
 RSS_SCRIPT = """
 import sys
 from coala_stream import sequential
-from coala_stream.capture import CaptureConfig, run_capture
+from coala_stream.sequential import SequentialConfig, run as run_capture
 
 def rss(key):
     return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
 
 after_load, load = [], sequential.BlockModel.load_block
 sequential.BlockModel.load_block = lambda self, k: (load(self, k), after_load.append(rss("VmRSS")))[0]
-run_capture(CaptureConfig(out=sys.argv[1], model=sys.argv[2], data=sys.argv[3], samples=2, seq_len=32,
-                          sequential=sys.argv[4] == "1"), progress=False)
+run_capture(SequentialConfig(out=sys.argv[1], model=sys.argv[2], data=sys.argv[3], samples=2,
+                             seq_len=32, sequential=sys.argv[4] == "1"), progress=False)
 print(*after_load, rss("VmHWM"))
 """
 BIG = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2)
@@ -412,7 +423,7 @@ def propagated(tiny_model_dir, text_file, tmp_path_factory):
     applied: dict = {}
     real = sequential.compress_block
     mp = pytest.MonkeyPatch()
-    mp.setattr(sequential, "compress_block",
+    mp.setattr(seq_propagate, "compress_block",
                lambda *a, **kw: (lambda r: (applied.update(r), r)[1])(real(*a, **kw)))
     try:
         s = run_capture(config(model_dir, out, text_file, **PROP), progress=False)
@@ -423,7 +434,7 @@ def propagated(tiny_model_dir, text_file, tmp_path_factory):
 
 def reduce_results(path: Path) -> dict:
     with open_store(path) as s:
-        return {n: s.factor(n) for n in s.inputs}
+        return {n: read_result(s, n) for n in s.inputs}
 
 
 def test_propagate_captures_later_blocks_from_compressed_ones(propagated, ordinary):
@@ -489,18 +500,18 @@ def test_propagate_failures_then_rerun_equal_uninterrupted(propagated, text_file
                                                            monkeypatch):
     model_dir, ref, ref_applied, _ = propagated
     out = tmp_path / "p.zarr"
-    real_reduce, real_run = sequential._reduce, sequential.BlockModel.run_block
+    real_reduce, real_run = seq_propagate.reduce_inputs, sequential.BlockModel.run_block
 
     def reduce_failing_at_block_1(config, plan, names):
         if names and _block(names[0]) == 1:
             raise RuntimeError("injected: killed while reducing block 1")
         return real_reduce(config, plan, names)
 
-    monkeypatch.setattr(sequential, "_reduce", reduce_failing_at_block_1)
+    _patch_reduce(monkeypatch, reduce_failing_at_block_1)
     with pytest.raises(RuntimeError, match="reducing block 1"):
         run_capture(config(model_dir, out, text_file, **PROP), progress=False)
     assert _progress(out)["next_block"] == 1 and _progress(out)["captured"] == 1
-    monkeypatch.setattr(sequential, "_reduce", real_reduce)
+    _patch_reduce(monkeypatch, real_reduce)
 
     calls = []
 
@@ -525,12 +536,12 @@ def test_propagate_failures_then_rerun_equal_uninterrupted(propagated, text_file
 
     applied = {}
     real_compress = sequential.compress_block
-    monkeypatch.setattr(sequential, "compress_block",
+    monkeypatch.setattr(seq_propagate, "compress_block",
                         lambda *a, **kw: (lambda r: (applied.update(r), r)[1])(real_compress(*a, **kw)))
-    monkeypatch.setattr(sequential, "_reduce", final_reduce_failing)
+    _patch_reduce(monkeypatch, final_reduce_failing)
     with pytest.raises(RuntimeError, match="final reduce"):
         run_capture(config(model_dir, out, text_file, **PROP), progress=False)
-    monkeypatch.setattr(sequential, "_reduce", real_reduce)
+    _patch_reduce(monkeypatch, real_reduce)
     assert sorted(applied) == sorted(n for n in ref_applied if _block(n) == 1)
     for name, (A, B) in applied.items():  # recomputed after the resume: the same factors
         assert torch.equal(A, ref_applied[name][0]) and torch.equal(B, ref_applied[name][1])
@@ -573,3 +584,9 @@ def test_propagate_usage_errors_and_settings_that_do_not_mix(propagated, ordinar
         assert "captured with other settings: propagate: store has" in err, err
     assert main([*base, "--out", str(prop_store), "--sequential", "--propagate", "--ratio", "0.3"]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def _patch_reduce(monkeypatch, fn) -> None:
+    """The block's reduce (in `propagate`) and the final one (in `run`) are the same function."""
+    monkeypatch.setattr(seq_propagate, "reduce_inputs", fn)
+    monkeypatch.setattr(seq_run, "reduce_inputs", fn)

@@ -34,7 +34,8 @@ from coala_stream.solve import (
     solve_layer,
     total_normalised_error,
 )
-from coala_stream.store import ReducedInput, open_store
+from coala_stream.reduce import ReducedInput, read_result, result_path
+from coala_stream.store import open_store
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -241,7 +242,7 @@ def test_mu_end_to_end_is_recorded_per_layer(store, tmp_path):
     report = solve(store, tmp_path / "mu", ratio=0.3, mu=0.05, format="dense",
                    layers=r"layers\.1\.self_attn\.q_proj")
     (row,) = report["layers"]
-    R = open_store(store).factor(row["input"]).R
+    R = read_result(open_store(store), row["input"]).R
     assert row["mu"] == pytest.approx(0.05 * float(R.double().square().sum()) / R.shape[1], rel=1e-6)
 
 
@@ -322,7 +323,7 @@ def test_unreduced_and_partly_reduced_stores_are_refused(base, store, tmp_path):
         solve(raw, tmp_path / "o", ratio=0.2)
     partial = tmp_path / "partial.zarr"
     shutil.copytree(store, partial)
-    path = open_store(partial).factor_path(open_store(partial).inputs[0])
+    path = result_path(open_store(partial), open_store(partial).inputs[0])
     tensors, meta = load_state(path)
     save_state(path, tensors, {**meta, "complete": False})
     with pytest.raises(StoreError, match="partly reduced"):

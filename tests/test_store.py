@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 
 from coala_stream.cli import main
 from coala_stream.errors import DataError, StoreError, UsageError
-from coala_stream.store import FORMAT_VERSION, ReducedInput, create_store, open_store
+from coala_stream.reduce import ReducedInput, read_result, result_path
+from coala_stream.status import store_status
+from coala_stream.store import FORMAT_VERSION, create_store, open_store
 
 BACKENDS = ["zarr", "hdf5"]
 DTYPES = ["bfloat16", "float16", "float32"]
@@ -109,7 +111,7 @@ def test_zarr_and_hdf5_read_back_identically(tmp_path):
         for a, b in zip(z.iter_chunks(name), h.iter_chunks(name), strict=True):
             assert torch.equal(bits(a), bits(b))
     drop = {"uuid", "path", "backend", "reduce_dir"}
-    sz, sh = z.status(), h.status()
+    sz, sh = store_status(z), store_status(h)
     assert {k: v for k, v in sz.items() if k not in drop | {"inputs", "totals"}} == {
         k: v for k, v in sh.items() if k not in drop | {"inputs", "totals"}
     }
@@ -255,7 +257,7 @@ def test_crc_mismatch_is_a_data_error(tmp_path, backend):
     path = store_path(tmp_path, backend)
     with new_store(path, backend) as s:
         crcs = fill(s, random_bits(2 * CT, N, "bfloat16"))
-        s._set_input_attrs(Q, {"chunk_crc32": [crcs[0], crcs[1] ^ 1]})
+        s._write_crcs(Q, 1, [crcs[1] ^ 1])
     with open_store(path) as r:
         with pytest.raises(DataError, match=rf"input '{Q}' chunk 1 .*crc32"):
             r.read_chunk(Q, 1)
@@ -376,7 +378,7 @@ def test_zarr_reader_follows_a_running_capture(tmp_path):
 def _write_factor(store, name: str, **meta) -> dict:
     store.reduce_dir.mkdir(exist_ok=True)
     tensors = {"R": torch.eye(N, dtype=torch.float64), "abs_sum": torch.ones(N, dtype=torch.float64)}
-    save_file(tensors, str(store.factor_path(name)), metadata={"coala": json.dumps(meta)})
+    save_file(tensors, str(result_path(store, name)), metadata={"coala": json.dumps(meta)})
     return tensors
 
 
@@ -390,28 +392,32 @@ def test_factor_and_status(tmp_path, backend):
         y = random_bits(2 * CT, 2 * N, "bfloat16")
         s.commit(4, {down: (2 * CT, [s.write_chunk(down, i, y[i * CT : (i + 1) * CT]) for i in range(2)])})
     r = open_store(path)
-    assert r.factor(Q) is None
-    st = r.status()
+    assert read_result(r, Q) is None
+    st = store_status(r)
     assert st["inputs"][0]["reduce"]["state"] == "not started"
     _write_factor(r, Q, fingerprint=r.fingerprint(Q, 2), next_chunk=2, tokens=2 * CT, complete=False)
     tensors = _write_factor(r, down, fingerprint="sha256:other", next_chunk=2, tokens=2 * CT, complete=True)
-    f = r.factor(down)
+    f = read_result(r, down)
     assert isinstance(f, ReducedInput) and f.name == down and f.gram is None
     assert torch.equal(f.R, tensors["R"]) and f.tokens == 2 * CT and f.complete and f.meta["next_chunk"] == 2
     assert r.inputs == [Q, down]  # the reduce directory is not mistaken for an input
 
-    st = r.status()
+    st = store_status(r)
     json.dumps(st)  # JSON-able
     assert (st["backend"], st["dtype"], st["chunk_tokens"]) == (backend, "bfloat16", CT)
-    assert st["capture"] == {"samples_done": 4, "samples": 4, "complete": False}
+    assert st["capture"] == {"samples_done": 4, "samples": 4, "complete": False,
+                             "state": "interrupted",
+                             "detail": "no capture is running; rerun the same capture command to resume"}
     assert st["model"]["name_or_path"] == "tiny-llama"
     q, d = st["inputs"]
     assert (q["name"], q["consumers"], q["n"], q["tokens"], q["chunks"]) == (Q, CONSUMERS, N, 4 * CT, 4)
     assert q["raw_bytes"] == 4 * CT * N * 2 and q["stored_bytes"] > 0
     assert q["reduce"] == {"state": "in progress", "next_chunk": 2, "chunks": 4, "tokens": 2 * CT,
-                           "matches_store": True}
-    assert d["reduce"]["state"] == "complete" and d["reduce"]["matches_store"] is False
-    assert st["totals"]["reduce"] == {"in progress": 1, "complete": 1}
+                           "next": "reduce resumes it"}
+    # made from other data: reduce refuses it until --restart, and status says so
+    assert d["reduce"]["state"] == "mismatch" and "--restart" in d["reduce"]["next"]
+    assert "does not match the store" in d["reduce"]["detail"]
+    assert st["totals"]["reduce"] == {"in progress": 1, "mismatch": 1}
     r.close()
 
 
@@ -424,7 +430,13 @@ def test_cli_status(tmp_path, capsys):
     assert out["inputs"][0]["tokens"] == 2 * CT and out["capture"]["samples_done"] == 2
     assert main(["status", str(path)]) == 0
     text = capsys.readouterr().out
-    assert Q in text and "q_proj,k_proj,v_proj" in text and "in progress: 2 of 4 samples" in text
+    # nobody holds the capture lock: a killed capture, not one in progress
+    assert Q in text and "q_proj,k_proj,v_proj" in text and "interrupted: 2 of 4 samples" in text
+    from coala_stream.capture import capture_lock
+
+    with capture_lock(path):  # a live capture holds it
+        assert main(["status", str(path)]) == 0
+        assert "running (pid" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "missing.zarr")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert "error: no store at" in err[0] and "missing.zarr" in err[0]

@@ -13,7 +13,7 @@ import sys
 from importlib import import_module
 
 from .._version import __version__
-from ..errors import CoalaError
+from ..errors import CoalaError, Interrupted
 
 # Order is the order shown in --help: the pipeline, then inspection.
 SUBCOMMANDS = ("capture", "reduce", "solve", "eval", "status")
@@ -62,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except Interrupted as exc:  # progress is saved: not an error, a pause
+        print(f"coala-stream {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except CoalaError as exc:
         if args.debug:
             raise
         print(f"coala-stream {args.command}: error: {exc}", file=sys.stderr)
-        if not getattr(args, "debug", False):
+        if exc.exit_code == 1:  # a usage error (2) or an interruption (75) needs no traceback
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

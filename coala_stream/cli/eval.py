@@ -6,6 +6,7 @@ import json
 import sys
 
 from ._common import add_parser
+from .options import add_options, config_from_args
 
 DESCRIPTION = """\
 Perplexity of a model or a solve output on non-overlapping windows of a text.
@@ -26,25 +27,13 @@ examples:
 """
 
 
-def _help(name: str) -> str:
-    from ..evaluate import config_help
-
-    return config_help(name)
-
-
 def register(subparsers) -> None:
+    from ..evaluate import EvalConfig
+
     p = add_parser(subparsers, "eval",
                    "perplexity of a model or a solve output on non-overlapping windows of a text",
                    DESCRIPTION, EPILOG)
-    p.add_argument("model", nargs="?", metavar="MODEL_OR_DIR", help=_help("model"))
-    p.add_argument("--gguf-file", metavar="NAME", help=_help("gguf_file"))
-    p.add_argument("--data", default="builtin:heldout", metavar="builtin:heldout|PATH", help=_help("data"))
-    p.add_argument("--seq-len", type=int, default=512, metavar="N", help=_help("seq_len"))
-    p.add_argument("--max-windows", type=int, metavar="N", help=_help("max_windows"))
-    p.add_argument("--batch-size", type=int, default=1, metavar="N", help=_help("batch_size"))
-    p.add_argument("--device", default="cpu", help=_help("device"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help=_help("dtype"))
+    add_options(p, EvalConfig)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout (the line goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -54,9 +43,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..evaluate import EvalConfig, evaluate
 
-    config = EvalConfig(model=args.model, gguf_file=args.gguf_file, data=args.data,
-                        seq_len=args.seq_len, max_windows=args.max_windows,
-                        batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    config = config_from_args(EvalConfig, args)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ._common import add_parser
+from .options import add_options, config_from_args
 
 DESCRIPTION = """\
 Fold each stored input into its triangular factor R (streaming TSQR).
@@ -35,53 +36,33 @@ examples:
 """
 
 
-def _help(name: str) -> str:
-    from ..reduce import config_help
-
-    return config_help(name)
-
-
 def register(subparsers) -> None:
+    from ..reduce import ReduceConfig
+
     p = add_parser(subparsers, "reduce",
                    "fold each stored input into its triangular factor R (streaming TSQR)",
                    DESCRIPTION, EPILOG)
     p.add_argument("store", metavar="STORE", help="a Zarr store directory or an HDF5 store file")
-    p.add_argument("--device", default="auto", metavar="auto|cuda|cpu", help=_help("device"))
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help=_help("dtype"))
-    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
-                   help=_help("checkpoint_every"))
-    p.add_argument("--inputs", metavar="REGEX", help=_help("inputs"))
-    p.add_argument("--group-rows", type=int, metavar="N", help=_help("group_rows"))
-    p.add_argument("--with-gram", action="store_true", help=_help("with_gram"))
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, metavar="N", help=_help("workers"))
-    where.add_argument("--scheduler", metavar="ADDRESS", help=_help("scheduler"))
-    p.add_argument("--prefetch", type=int, default=4, metavar="K", help=_help("prefetch"))
-    p.add_argument("--read-threads", type=int, default=2, metavar="N", help=_help("read_threads"))
-    p.add_argument("--threads", type=int, metavar="N", help=_help("threads"))
-    p.add_argument("--restart", action="store_true", help=_help("restart"))
+    add_options(p, ReduceConfig)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..errors import Interrupted
     from ..reduce import ReduceConfig, run_reduce
 
-    config = ReduceConfig(
-        device=args.device, dtype=args.dtype, checkpoint_every=args.checkpoint_every,
-        inputs=args.inputs, group_rows=args.group_rows, with_gram=args.with_gram,
-        workers=args.workers, scheduler=args.scheduler, prefetch=args.prefetch,
-        read_threads=args.read_threads, threads=args.threads, restart=args.restart)
-    try:
-        s = run_reduce(args.store, config, progress=True)
-    except Interrupted as exc:
-        print(f"coala-stream reduce: {exc}", file=sys.stderr)
-        return exc.exit_code
+    s = run_reduce(args.store, config_from_args(ReduceConfig, args), progress=True)
     actions = [v["action"] for v in s["inputs"].values()]
     counts = ", ".join(f"{actions.count(a)} {a}" for a in ("folded", "resumed", "extended", "skipped")
                        if a in actions)
     print(f"{s['store']}: {len(actions)} inputs ({counts or 'none'}); {s['bytes_folded'] / 1e9:.3f} GB "
           f"folded in {s['seconds']:.1f} s ({s['gb_per_s']:.3f} GB/s, {s['mode']}, {s['device']}, "
           f"{s['dtype']}) -> {s['reduce_dir']}")
+    cap = s["capture"]
+    if not cap["complete"]:
+        print(f"note: the capture of {s['store']} is not complete ({cap['samples_done']} of "
+              f"{cap['samples']} samples committed for every input): R covers what was committed; "
+              f"finish the capture, then rerun reduce (it extends these results)")
+    else:
+        print(f"next: coala-stream solve {s['store']} --ratio F --out DIR")
     sys.stdout.flush()
     return 0

@@ -6,6 +6,7 @@ import json
 import sys
 
 from ._common import add_parser
+from .options import add_options, config_from_args
 
 DESCRIPTION = """\
 Compute low-rank factors per layer and write a compressed model or LoRA adapters.
@@ -33,34 +34,14 @@ examples:
 """
 
 
-def _help(name: str) -> str:
-    from ..solve import config_help
-
-    return config_help(name)
-
-
 def register(subparsers) -> None:
+    from ..solve import SolveConfig
+
     p = add_parser(subparsers, "solve",
                    "compute low-rank factors per layer and write a compressed model or LoRA adapters",
                    DESCRIPTION, EPILOG)
     p.add_argument("store", metavar="STORE", help="a reduced activation store (Zarr directory or HDF5 file)")
-    p.add_argument("--out", required=True, metavar="DIR", help=_help("out"))
-    p.add_argument("--model", metavar="MODEL", help=_help("model"))
-    p.add_argument("--gguf-file", metavar="NAME", help=_help("gguf_file"))
-    p.add_argument("--method", default="coala", choices=("coala", "svd", "svdllm", "asvd"),
-                   help=_help("method"))
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--ratio", type=float, metavar="F", help=_help("ratio"))
-    size.add_argument("--rank", type=int, metavar="N", help=_help("rank"))
-    p.add_argument("--allocate", default="uniform", choices=("uniform", "global"), help=_help("allocate"))
-    p.add_argument("--mu", type=float, default=0.0, metavar="F", help=_help("mu"))
-    p.add_argument("--adaptive-mu", action="store_true", help=_help("adaptive_mu"))
-    p.add_argument("--layers", metavar="REGEX", help=_help("layers"))
-    p.add_argument("--format", default="factorized", choices=("factorized", "dense", "peft"),
-                   help=_help("format"))
-    p.add_argument("--asvd-alpha", type=float, default=0.5, metavar="A", help=_help("asvd_alpha"))
-    p.add_argument("--device", default="cpu", help=_help("device"))
-    p.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
+    add_options(p, SolveConfig)
     p.add_argument("--json", action="store_true",
                    help="print the report as JSON on stdout instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
@@ -70,11 +51,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..solve import SolveConfig, format_table, run_solve
 
-    config = SolveConfig(
-        out=args.out, model=args.model, gguf_file=args.gguf_file, method=args.method,
-        ratio=args.ratio, rank=args.rank, allocate=args.allocate, mu=args.mu,
-        adaptive_mu=args.adaptive_mu, layers=args.layers, format=args.format,
-        asvd_alpha=args.asvd_alpha, device=args.device, overwrite=args.overwrite)
+    config = config_from_args(SolveConfig, args)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -85,5 +62,6 @@ def run(args) -> int:
     else:
         print(format_table(report))
         print(f"wrote {report['out']} ({config.format}, {config.method}) in {report['seconds']:.1f} s")
+        print(f"next: coala-stream eval {report['out']}")
     sys.stdout.flush()
     return 0

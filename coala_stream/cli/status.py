@@ -30,10 +30,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..store import open_store  # imported here: `--help` stays fast
+    from ..status import store_status  # imported here: `--help` stays fast
+    from ..store import open_store
 
     with open_store(args.store) as store:
-        status = store.status()
+        status = store_status(store)
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 
@@ -66,7 +67,10 @@ def _capture_line(cap: dict) -> str:
     done, total = cap["samples_done"], cap.get("samples")
     if cap["complete"]:
         return f"complete ({done} samples)"
-    return f"in progress: {done} of {total if total is not None else '?'} samples committed"
+    total = total if total is not None else "?"
+    if cap.get("state") == "running":
+        return f"running ({cap['detail']}): {done} of {total} samples committed"
+    return f"interrupted: {done} of {total} samples committed; {cap.get('detail', '')}"
 
 
 def _reduce_summary(totals: dict) -> str:
@@ -77,13 +81,11 @@ def _reduce_summary(totals: dict) -> str:
 
 
 def _reduce_line(r: dict) -> str:
-    if r["state"] == "in progress":
-        text = f"in progress {r['next_chunk']} of {r['chunks']} chunks"
-    else:
-        text = r["state"]
-    if r.get("matches_store") is False:
-        text += " (stale: made from other data, will be redone)"
-    return text
+    if r["state"] in ("in progress", "behind"):
+        return f"{r['state']} {r['next_chunk']} of {r['chunks']} chunks ({r['next']})"
+    if r["state"] in ("mismatch", "unreadable"):
+        return f"{r['state']} ({r['next']})"
+    return r["state"]
 
 
 def _consumers(i: dict) -> str:

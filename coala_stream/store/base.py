@@ -3,11 +3,18 @@
 A backend (`_zarr.ZarrStore`, `_hdf5.Hdf5Store`) supplies a few primitives on
 named 2-D arrays and their attributes; everything that defines the format (the
 commit protocol, checksums, fingerprints, chunk arithmetic) lives here once.
+
+Format 2 keeps each input's chunk checksums in an append-only uint32 array beside
+its data (`_read_crcs` / `_write_crcs`), so a commit writes the new chunks' checksums
+and one attribute (`committed_tokens`): its cost is the new chunks', not all of them.
+Format 1 stores (a JSON list in the attributes) are read as before.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
+from functools import cached_property
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,9 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError, StoreError, UsageError
-from . import _format as fmt
-from ._format import InputInfo, ReducedInput
-from ._status import store_status
+from . import format as fmt
+from .format import InputInfo
 
 
 class Store(ABC):
@@ -36,6 +42,9 @@ class Store(ABC):
         self.writable = writable
         # one writer per input at a time: zarr rewrites a whole shard per chunk write
         self._locks: dict[str, threading.Lock] = {}
+        # A writer is the only one changing the store: it keeps every input's committed state
+        # in memory, so writes and commits never re-read the checksums (readers always do).
+        self._committed: dict[str, InputInfo] = {}
 
     # -- backend primitives: named (rows x n) arrays of stored values, and JSON attributes --
     @property
@@ -72,6 +81,23 @@ class Store(ABC):
     @abstractmethod
     def stored_bytes(self, name: str) -> int:
         """Bytes input `name` takes on disk (compressed data and its metadata)."""
+
+    @abstractmethod
+    def _read_crcs(self, name: str, count: int) -> list[int]:
+        """The first `count` chunk checksums of `name` (format 2; the array may hold more)."""
+    @abstractmethod
+    def _write_crcs(self, name: str, start: int, crcs: Sequence[int]) -> None:
+        """Write checksums of chunks start, start+1, ... (growing the array as needed)."""
+    @abstractmethod
+    def _truncate_crcs(self, name: str, count: int) -> None: ...
+    @abstractmethod
+    def chunk_bytes(self, name: str, index: int) -> tuple[object, int]:
+        """(key, bytes on disk) of the file or chunk holding chunk `index` (its shard for zarr):
+        what writers add up for the size of a growing store without walking every file."""
+
+    @cached_property
+    def format_version(self) -> int:
+        return int(self._root_attrs().get("format_version", 1))
 
     def _remove_partials(self) -> int:
         """Delete temporaries a killed write left; how many. Backends without any: 0."""
@@ -113,18 +139,24 @@ class Store(ABC):
         return sorted(names, key=lambda nm: (self._input_attrs(nm).get("order", 0), nm))
 
     def input(self, name: str) -> InputInfo:
-        """Committed state of one input (fresh from disk); StoreError if there is no such input."""
+        """Committed state of one input (fresh from disk for readers); StoreError if there is no such input."""
+        if name in self._committed:
+            return self._committed[name]
         a = self._input_attrs(name)
         root = self._root_attrs()
         tokens, ct = int(a.get("committed_tokens", 0)), int(root["chunk_tokens"])
-        crcs = [int(c) for c in a.get("chunk_crc32", [])]
-        if len(crcs) != fmt.num_chunks(tokens, ct):
+        count = fmt.num_chunks(tokens, ct)
+        if int(root.get("format_version", 1)) >= 2:
+            crcs = self._read_crcs(name, count)
+        else:
+            crcs = [int(c) for c in a.get("chunk_crc32", [])]
+        if len(crcs) != count:
             raise StoreError(
-                f"input {name!r}: committed_tokens={tokens} needs {fmt.num_chunks(tokens, ct)} "
+                f"input {name!r}: committed_tokens={tokens} needs {count} "
                 f"chunk checksums at chunk_tokens={ct}, found {len(crcs)}; the store is inconsistent "
                 "(written by another tool?): recapture it with --overwrite"
             )
-        return InputInfo(
+        info = InputInfo(
             name=name,
             consumers=list(a.get("consumers", [])),
             n=self._n(name),
@@ -134,6 +166,9 @@ class Store(ABC):
             num_chunks=len(crcs),
             chunk_crc32=crcs,
         )
+        if self.writable:
+            self._committed[name] = info
+        return info
 
     def read_chunk(self, name: str, i: int) -> torch.Tensor:
         """Committed chunk i of `name`: (rows x n) tensor in the logical dtype, bit-exact.
@@ -188,25 +223,18 @@ class Store(ABC):
             )
         return fmt.fingerprint(str(self._root_attrs()["uuid"]), info, upto)
 
-    def factor_path(self, name: str) -> Path:
-        return self.reduce_dir / f"{name}.safetensors"
-
-    def factor(self, name: str) -> ReducedInput | None:
-        """The reduce result (or checkpoint) of `name`, None if reduce has not written one."""
-        self._input_attrs(name)  # StoreError for an unknown name
-        path = self.factor_path(name)
-        return fmt.read_factor(path, name) if path.is_file() else None
-
-    def status(self) -> dict:
-        """JSON-able summary: identity, capture progress, per-input sizes and reduce progress."""
-        return store_status(self)
-
     # -- writer ----------------------------------------------------------------
     def _need_writable(self, what: str) -> None:
         if not self.writable:
             raise StoreError(
                 f"{what}: the store {self.path} was opened read-only; use open_store(path, mode='r+')"
             )
+        if self.format_version < fmt.FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} was made by an older coala-stream ({self.attrs.get('tool_version')}, "
+                f"store format {self.format_version}); this version reads it but writes only format "
+                f"{fmt.FORMAT_VERSION}: finish that capture with the older version, or recapture "
+                "with --overwrite")
 
     def create_input(self, name: str, n: int, consumers: Sequence[str]) -> InputInfo:
         """Add an empty (0 x n) input read by `consumers`; returns it unchanged if it exists alike.
@@ -229,7 +257,8 @@ class Store(ABC):
             return info
         dtype = self._root_attrs()["dtype"]
         self._new_array(name, int(n), {
-            "consumers": consumers, "logical_dtype": dtype, "order": len(self._input_names()), "committed_tokens": 0, "chunk_crc32": [],
+            "consumers": consumers, "logical_dtype": dtype, "order": len(self._input_names()),
+            "committed_tokens": 0,
         })
         return self.input(name)
 
@@ -276,11 +305,12 @@ class Store(ABC):
                complete: bool = False) -> None:
         """Publish written chunks: per input (committed_tokens, crc32 list of all its chunks).
 
-        Order is the crash-safety protocol: data is already on disk, then each input's
-        committed_tokens + chunk_crc32, then the root `capture` record (samples_done,
-        complete, and every input's token count). The root write is the commit point:
-        a kill before it leaves inputs ahead of the root, and `rollback` takes them back.
-        Everything is checked before anything is written.
+        Order is the crash-safety protocol: data is already on disk, then each input's new
+        checksums, then its one-attribute commit record `committed_tokens`, then the root
+        `capture` record (samples_done, complete, and every input's token count). The root
+        write is the commit point: a kill before it leaves inputs ahead of the root, and
+        `rollback` takes them back. Everything is checked before anything is written; the
+        cost is that of the new chunks (plus one small write per input), not of all chunks.
         """
         self._need_writable("commit")
         updates = {name: self._check_commit(name, int(t), crcs, complete)
@@ -291,17 +321,20 @@ class Store(ABC):
                 f"samples_done may not go back: committed {capture.get('samples_done')}, got {samples_done}"
             )
         if complete:  # a finished array's shape is its token count, for readers other than ours
-            for name, attrs in updates.items():
-                if self._rows(name) > attrs["committed_tokens"]:
-                    self._resize(name, attrs["committed_tokens"])
-        for name, attrs in updates.items():
-            self._set_input_attrs(name, attrs)
-        tokens = {**capture.get("tokens", {}), **{nm: a["committed_tokens"] for nm, a in updates.items()}}
+            for name, (tokens, _) in updates.items():
+                if self._rows(name) > tokens:
+                    self._resize(name, tokens)
+        for name, (tokens, crcs) in updates.items():
+            old = self.input(name)
+            self._write_crcs(name, old.num_chunks, crcs[old.num_chunks:])
+            self._set_input_attrs(name, {"committed_tokens": tokens})  # one write: the input's commit
+            self._committed[name] = replace(old, tokens=tokens, num_chunks=len(crcs), chunk_crc32=crcs)
+        tokens = {**capture.get("tokens", {}), **{nm: t for nm, (t, _) in updates.items()}}
         capture.update(samples_done=int(samples_done), complete=bool(complete), tokens=tokens)
         self._update_root_attrs({"capture": capture})
         self._flush()
 
-    def _check_commit(self, name: str, tokens: int, crcs: Sequence[int], complete: bool) -> dict:
+    def _check_commit(self, name: str, tokens: int, crcs: Sequence[int], complete: bool):
         info = self.input(name)
         crcs = [int(c) & 0xFFFFFFFF for c in crcs]
         ct = info.chunk_tokens
@@ -310,6 +343,7 @@ class Store(ABC):
                 f"commit of input {name!r}: {tokens} tokens need {fmt.num_chunks(tokens, ct)} crc32s "
                 f"(got {len(crcs)}) and whole chunks of {ct} rows unless the capture is complete"
             )
+        # the committed prefix is compared in memory (the writer's copy): no disk read
         if tokens < info.tokens or crcs[: info.num_chunks] != info.chunk_crc32:
             raise StoreError(
                 f"commit of input {name!r} would change its {info.num_chunks} committed chunks; "
@@ -320,19 +354,21 @@ class Store(ABC):
                 f"commit of input {name!r}: {tokens} tokens committed but only {self._rows(name)} rows "
                 "written; write the chunks before committing them"
             )
-        return {"committed_tokens": tokens, "chunk_crc32": crcs}
+        return tokens, crcs
 
     def rollback(self) -> dict:
         """Undo what a killed capture left uncommitted; run on resume before writing.
 
-        Takes every input back to the root commit record (an input whose attributes a
-        killed `commit` already advanced), shrinks every array to its committed rows and
-        deletes leftover `*.partial` temporaries. Idempotent, and safe to kill and rerun.
+        Takes every input back to the root commit record (an input whose commit record a
+        killed `commit` already advanced), shrinks every array to its committed rows, drops
+        checksums beyond them and deletes leftover `*.partial` temporaries. Idempotent, and
+        safe to kill and rerun.
         Returns {"rows_dropped": {name: rows}, "partial_files_removed": k}.
         """
         self._need_writable("rollback")
         removed = self._remove_partials()
         self._remove_half_created()
+        self._committed.clear()
         root_tokens = (self._root_attrs().get("capture") or {}).get("tokens", {})
         dropped = {}
         for name in self._input_names():
@@ -357,9 +393,12 @@ class Store(ABC):
                 f"input {name!r} has {info.tokens} committed tokens, the root record says {root_tokens}: "
                 "the store was modified outside coala-stream; recapture with --overwrite"
             )
+        k = fmt.num_chunks(root_tokens, info.chunk_tokens)
         if info.tokens > root_tokens:
-            k = fmt.num_chunks(root_tokens, info.chunk_tokens)
-            self._set_input_attrs(name, {"committed_tokens": root_tokens, "chunk_crc32": info.chunk_crc32[:k]})
+            self._set_input_attrs(name, {"committed_tokens": root_tokens})
+            self._committed[name] = replace(info, tokens=root_tokens, num_chunks=k,
+                                            chunk_crc32=info.chunk_crc32[:k])
+        self._truncate_crcs(name, k)
         return root_tokens
 
     def _drop_rows(self, name: str, committed: int, rows: int) -> None:

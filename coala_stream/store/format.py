@@ -13,15 +13,17 @@ import json
 import math
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import DataError, UsageError
+from ..errors import UsageError
 
 FORMAT = "coala-stream/activations"
-FORMAT_VERSION = 1
+# 2: chunk checksums in an append-only array beside the data instead of a JSON list in the
+# input's attributes (a commit rewrote the whole list: quadratic in the chunks); one
+# attribute (`committed_tokens`) is the commit record of an input. Version 1 stores are read.
+FORMAT_VERSION = 2
 
 # logical dtype name -> (torch dtype, numpy dtype stored on disk)
 LOGICAL_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
@@ -118,62 +120,3 @@ def fingerprint(uuid: str, info: InputInfo, upto: int) -> str:
     }
     blob = json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-@dataclass
-class ReducedInput:
-    """What `reduce` folded one input into (`reduce/<name>.safetensors`).
-
-    R: (k x n) float32/float64 upper-trapezoidal, R^T R = X^T X over the folded rows.
-    abs_sum: (n,) float64, sum of |x| per column. gram: (n x n) float32 or None.
-    tokens: rows folded so far; complete: all committed chunks folded.
-    meta: the whole `coala` JSON metadata (fingerprint, next_chunk, settings, ...).
-    """
-
-    name: str
-    R: torch.Tensor
-    abs_sum: torch.Tensor | None
-    gram: torch.Tensor | None
-    tokens: int
-    complete: bool
-    meta: dict
-
-
-def factor_meta(path: Path) -> dict:
-    """The `coala` JSON metadata of a reduce file, reading only its header."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("coala")
-        return json.loads(raw) if raw else {}
-    except Exception as exc:  # safetensors raises its own error types; all mean "unreadable"
-        raise DataError(
-            f"reduce file {path} is unreadable ({exc}); delete it and rerun "
-            "`coala-stream reduce` to recompute that input"
-        ) from exc
-
-
-def read_factor(path: Path, name: str) -> ReducedInput:
-    """Load a reduce file (tensors on CPU) into a ReducedInput."""
-    from safetensors.torch import load_file
-
-    meta = factor_meta(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:
-        raise DataError(f"reduce file {path} is unreadable ({exc}); delete it and rerun reduce") from exc
-    if "R" not in tensors:
-        raise DataError(
-            f"reduce file {path} has no tensor 'R' (found {sorted(tensors)}); "
-            "it was not written by coala-stream reduce: delete it and rerun reduce"
-        )
-    return ReducedInput(
-        name=name,
-        R=tensors["R"],
-        abs_sum=tensors.get("abs_sum"),
-        gram=tensors.get("gram"),
-        tokens=int(meta.get("tokens", 0)),
-        complete=bool(meta.get("complete", False)),
-        meta=meta,
-    )

@@ -36,9 +36,10 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from . import _format as fmt
-from ._base import Store
+from . import format as fmt
+from .base import Store
 
+CRC_GROUP = "crc32"  # per input: a growing uint32 dataset of its chunks' crc32s
 FILTERS = {"shuffle": True, "compression": "gzip", "compression_opts": 1, "fletcher32": True}
 
 
@@ -68,6 +69,7 @@ def init_hdf5(path: Path, attrs: dict) -> None:
     with h5py.File(path, "w-") as f:
         f.attrs.update(_dump(attrs))
         f.create_group("inputs")
+        f.create_group(CRC_GROUP)
 
 
 def open_h5(path: Path, writable: bool) -> h5py.File:
@@ -151,12 +153,41 @@ class Hdf5Store(Store):
     def stored_bytes(self, name: str) -> int:
         return int(self._ds(name).id.get_storage_size())
 
+    def _read_crcs(self, name: str, count: int) -> list[int]:
+        ds = self._f.get(f"{CRC_GROUP}/{name}")
+        return [] if ds is None else [int(c) for c in ds[: min(count, ds.shape[0])]]
+
+    def _write_crcs(self, name: str, start: int, crcs) -> None:
+        if not crcs:
+            return
+        group = self._f.require_group(CRC_GROUP)
+        ds = group.get(name) or group.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                     chunks=(1024,), dtype="<u4")
+        if ds.shape[0] < start + len(crcs):
+            ds.resize(start + len(crcs), axis=0)
+        ds[start:start + len(crcs)] = np.asarray(crcs, dtype="<u4")
+
+    def _truncate_crcs(self, name: str, count: int) -> None:
+        ds = self._f.get(f"{CRC_GROUP}/{name}")
+        if ds is not None and ds.shape[0] > count:
+            ds.resize(count, axis=0)
+
+    def chunk_bytes(self, name: str, index: int) -> tuple[object, int]:
+        ds = self._ds(name)
+        try:
+            size = int(ds.id.get_chunk_info_by_coord((index * ds.chunks[0], 0)).size)
+        except (KeyError, ValueError, RuntimeError):
+            size = 0
+        return (name, index), size
+
     def _remove_half_created(self) -> list[str]:
         # A dataset and its attributes are separate HDF5 writes: a kill in between leaves
         # a dataset without attributes, never committed. Delete it; capture recreates it.
         broken = [nm for nm in self._input_names() if "consumers" not in self._ds(nm).attrs]
         for nm in broken:
             del self._f["inputs"][nm]
+            if f"{CRC_GROUP}/{nm}" in self._f:
+                del self._f[CRC_GROUP][nm]
         return broken
 
     def _flush(self) -> None:

@@ -1,13 +1,31 @@
-"""`Store.status()`: what a store holds and how far capture and reduce got, as plain JSON data."""
+"""`store_status`: what a store holds and how far capture and reduce got, as plain JSON data.
+
+Every label comes from the code that decides: the capture's from
+`capture.capture_state` (the lock a second capture would test), each input's
+reduce state from `reduce.result_state` (what reduce does with it next, and
+whether solve accepts it). Reads attributes and reduce-file headers, no data.
+"""
 
 from __future__ import annotations
 
-from ..errors import CoalaError
-from . import _format as fmt
+from .capture import capture_state
+from .reduce import result_state
+from .reduce.result import RESTART_HINT
+from .store import format as fmt
+
+# what each reduce state means for the next `coala-stream reduce`
+NEXT_REDUCE = {
+    "not started": "reduce folds it",
+    "in progress": "reduce resumes it",
+    "behind": "reduce extends it over the chunks committed since",
+    "complete": "reduce skips it; solve accepts it",
+    "mismatch": f"reduce refuses it: {RESTART_HINT}",
+    "unreadable": f"reduce refuses it: {RESTART_HINT}",
+}
 
 
 def store_status(store) -> dict:
-    """JSON-able summary of a store; reads attributes and reduce-file headers, no data."""
+    """JSON-able summary of a store (an open `store.Store`)."""
     attrs = store.attrs
     capture = attrs.get("capture") or {}
     calibration = attrs.get("calibration") or {}
@@ -29,6 +47,7 @@ def store_status(store) -> dict:
             "samples_done": int(capture.get("samples_done", 0)),
             "samples": calibration.get("samples"),
             "complete": bool(capture.get("complete", False)),
+            **capture_state(store.path, attrs),
         },
         "reduce_dir": str(store.reduce_dir),
         "totals": {
@@ -46,6 +65,11 @@ def store_status(store) -> dict:
 def _input_status(store, name: str) -> dict:
     info = store.input(name)
     itemsize = fmt.stored_dtype(str(info.dtype).removeprefix("torch.")).itemsize
+    state = result_state(store, info)
+    reduce = {"state": state.label, "next_chunk": state.next_chunk, "chunks": state.chunks,
+              "tokens": state.tokens, "next": NEXT_REDUCE[state.label]}
+    if state.message:
+        reduce["detail"] = state.message
     return {
         "name": name,
         "consumers": info.consumers,
@@ -54,29 +78,8 @@ def _input_status(store, name: str) -> dict:
         "chunks": info.num_chunks,
         "raw_bytes": info.tokens * info.n * itemsize,
         "stored_bytes": store.stored_bytes(name),
-        "reduce": _reduce_status(store, info),
+        "reduce": reduce,
     }
-
-
-def _reduce_status(store, info) -> dict:
-    """State of reduce for one input from its file's metadata: not started / in progress / complete.
-
-    `matches_store` is False when the file was folded from other data than this store
-    holds now (its fingerprint differs), so reduce will start that input again.
-    """
-    path = store.factor_path(info.name)
-    out = {"state": "not started", "next_chunk": 0, "chunks": info.num_chunks, "tokens": 0}
-    if not path.is_file():
-        return out
-    try:
-        meta = fmt.factor_meta(path)
-    except CoalaError as exc:
-        return {**out, "state": "unreadable", "error": str(exc)}
-    next_chunk = int(meta.get("next_chunk", 0))
-    matches = next_chunk <= info.num_chunks and meta.get("fingerprint") == store.fingerprint(info.name, next_chunk)
-    state = "complete" if meta.get("complete") else "in progress"
-    return {**out, "state": state, "next_chunk": next_chunk, "tokens": int(meta.get("tokens", 0)),
-            "matches_store": matches}
 
 
 def _count_states(inputs: list[dict]) -> dict:

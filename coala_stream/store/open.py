@@ -10,12 +10,14 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import StoreError, UsageError
-from . import _format as fmt
-from ._base import Store
-from ._hdf5 import Hdf5Store, init_hdf5
-from ._zarr import ZarrStore, init_zarr
+from . import format as fmt
+from .base import Store
+from .hdf5_store import Hdf5Store, init_hdf5
+from .zarr_store import ZarrStore, init_zarr
 
-BACKENDS = {"zarr": (ZarrStore, init_zarr), "hdf5": (Hdf5Store, init_hdf5)}
+# backend name -> (store class, initialiser of an empty store)
+BACKEND_CLASSES = {"zarr": (ZarrStore, init_zarr), "hdf5": (Hdf5Store, init_hdf5)}
+BACKENDS = tuple(BACKEND_CLASSES)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
@@ -50,7 +52,7 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> Store:
             "an HDF5 file written by `coala-stream capture`"
         )
     try:
-        store = BACKENDS[backend][0](path, writable=(mode == "r+"))
+        store = BACKEND_CLASSES[backend][0](path, writable=(mode == "r+"))
     except StoreError:
         raise
     except Exception as exc:  # zarr/h5py raise many types for a foreign or damaged file
@@ -91,8 +93,8 @@ def create_store(path: str | os.PathLike, backend: str = "zarr", attrs: Mapping 
     with 1, docs/benchmarks.md). The store appears atomically (built under a temporary name,
     then renamed). StoreError if `path` exists, unless overwrite=True.
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if backend not in BACKEND_CLASSES:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     path = Path(path)
     root = _root_attrs(dict(attrs or {}), shard_chunks)
     if path.exists() or path.is_symlink():
@@ -102,7 +104,7 @@ def create_store(path: str | os.PathLike, backend: str = "zarr", attrs: Mapping 
                 "--overwrite (overwrite=True) to replace it"
             )
         remove_store(path)
-    cls, init = BACKENDS[backend]
+    cls, init = BACKEND_CLASSES[backend]
     tmp = path.with_name(f".{path.name}.{root['uuid'][:8]}.creating")
     try:
         init(tmp, root)

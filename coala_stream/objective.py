@@ -1,0 +1,400 @@
+"""The propagated-input objective (issue 17), Gram-free, from one streamed R.
+
+Pure functions on tensors (no files, no global state), in the conventions of
+``linalg``: W is (m x n) = (out x in); inputs are rows. ``Xh`` (N x n) are a
+layer's inputs in the already-compressed model, ``X`` (N x n) the same tokens'
+inputs in the original model, and the target inputs are
+
+    T = alpha X + (1 - alpha) Xh,        0 <= alpha <= 1.
+
+For a rank r, the compressed weight W' = A B minimises
+
+    ||T W^T - Xh W'^T||_F^2  (+ mu ||W - W'||_F^2).
+
+alpha = 1 anchors W' Xh to the original outputs W X (AA-SVD's objective 4),
+alpha = 0 asks W' to reproduce W on the shifted inputs (objective 3), and
+Xh = X is the plain COALA objective of ``linalg.coala_factors``.
+
+Nothing forms a Gram matrix. Fold the rows of [Xh | X] (N x 2n) with
+``linalg.fold_r`` into R_full = [[R11, R12], [0, R22]] (upper-trapezoidal,
+min(N, 2n) x 2n). Since [Xh | T] = [Xh | X] M with M = [[I, (1-alpha) I],
+[0, alpha I]] and R_full M is still upper-trapezoidal, the factor of [Xh | T]
+is R11, R12' = (1-alpha) R11 + alpha R12, R22' = alpha R22 (``target_r``;
+no second QR). With [Xh | T] = Q [[R11, R12'], [0, R22']]:
+
+    ||T W^T - Xh W'^T||^2 = ||R12' W^T - R11 W'^T||^2 + ||R22' W^T||^2,
+
+so for W R12'^T = U S V^T the optimum is A = U_r, B^T = R11^-1 V_r S_r, and
+the error of rank r is sum_{i >= r} S_i^2 + ||R22' W^T||^2 (a constant that
+no rank can remove: the part of the target outside range(Xh)). How B is
+computed, and what happens when R11 is singular, is in ``output_factors``.
+
+mu appends the rows sqrt(mu) [I | I] to [Xh | X] (``regularize_pair``, one
+more ``fold_block``): that adds mu ||W - W'||^2 and makes R11 nonsingular.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import UsageError
+from .linalg import check_matrix, check_mu, check_rank, fold_block, residual_directions
+
+
+__all__ = [
+    "split_r",
+    "target_r",
+    "regularize_pair",
+    "output_svd",
+    "output_factors",
+    "output_error",
+    "relative_output_error",
+]
+
+# The condition-number estimate of R11 must be at least this far below 1 / rtol
+# for the triangular solve; otherwise R11's SVD decides (see output_factors).
+_COND_SAFETY = 10.0
+_ESTIMATE_ITERS = 6
+_ESTIMATE_BLOCK = 4
+
+
+def split_r(R_full: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks of R_full = [[R11, R12], [0, R22]], the factor of [Xh | X].
+
+    Args:
+        R_full: (k x 2n) upper-trapezoidal factor, e.g. ``fold_r`` of the rows
+            of [Xh | X]; k = min(N, 2n) from a fold, any k accepted.
+        n: the number of input features (columns of Xh).
+
+    Returns:
+        Views of R_full (no copy), with k1 = min(k, n):
+        R11 (k1 x n, upper-trapezoidal: R of Xh), R12 (k1 x n, = Q1^T X),
+        R22 (max(k - n, 0) x n, upper-trapezoidal; 0 rows when k <= n). With
+        fewer tokens than features (k < n) R11 is a wide trapezoid, not square.
+        R11^T R11 = Xh^T Xh, R11^T R12 = Xh^T X, R12^T R12 + R22^T R22 = X^T X.
+
+    Raises:
+        UsageError for a non-tensor, a width other than 2n, or nonzero entries
+        below the diagonal (not a triangular factor).
+    """
+    _check_r_full(R_full, n)
+    return R_full[:n, :n], R_full[:n, n:], R_full[n:, n:]
+
+
+def target_r(R_full: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
+    """The factor of [Xh | T], T = alpha X + (1 - alpha) Xh: R_full M, no QR.
+
+    Returns a new (k x 2n) tensor [[R11, (1-alpha) R11 + alpha R12], [0, alpha R22]],
+    upper-trapezoidal with diag >= 0 where R_full's is. Costs k n flops.
+    """
+    _check_r_full(R_full, n)
+    alpha = _check_alpha(alpha)
+    out = R_full.clone()
+    out[:, n:] = (1.0 - alpha) * R_full[:, :n] + alpha * R_full[:, n:]
+    return out
+
+
+def regularize_pair(R_full: torch.Tensor, n: int, mu: float) -> torch.Tensor:
+    """The factor of [Xh | X] with the rows sqrt(mu) [I | I] appended (one fold).
+
+    Those rows add mu ||W - W'||_F^2 to the objective for every alpha (their T
+    rows are sqrt(mu) I too), and give R11^T R11 = Xh^T Xh + mu I, so
+    sigma_min(R11) >= sqrt(mu). mu = 0 returns R_full itself. Costs one
+    ``fold_block`` of n rows of width 2n (about 2 (k + n) (2n)^2 flops).
+    """
+    _check_r_full(R_full, n)
+    mu = check_mu(mu)
+    if mu == 0.0:
+        return R_full
+    eye = torch.eye(n, dtype=R_full.dtype, device=R_full.device) * math.sqrt(mu)
+    return fold_block(R_full, torch.cat([eye, eye], dim=1))
+
+
+def output_svd(
+    W: torch.Tensor,
+    R_full: torch.Tensor,
+    alpha: float,
+    mu: float = 0.0,
+    *,
+    rtol: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD that solves every rank at once: W R12'^T = U S V^T.
+
+    Args:
+        W: weight (m x n), any float dtype.
+        R_full: factor of [Xh | X] (k x 2n), see ``split_r``.
+        alpha: target mix in [0, 1] (T = alpha X + (1 - alpha) Xh).
+        mu: absolute regularisation >= 0 (``regularize_pair`` is applied here).
+        rtol: relative threshold below which singular values of R11 count as
+            zero (default max(k, n) * eps of the working dtype); see
+            ``output_factors``. Unused when alpha = 0.
+
+    Returns:
+        (U, S, V, R11) in the working dtype (the wider of W's and R_full's, at
+        least float32): U (m x q), S (q,) descending, V (k1 x q) with
+        q = min(m, k1), and R11 (k1 x n), the regularised R of Xh. When R11 is
+        numerically singular (alpha > 0, see ``output_factors``), U S V^T is
+        W R12'^T P with P the orthogonal projector onto range(R11) (what
+        W' R11^T can reach), q = min(m, numerical rank of R11).
+
+        The error of rank r is exactly tail_energy(S)[r] + a constant (the
+        rank-independent floor ||R22' W^T||^2, plus ||W R12'^T (I - P)||^2 in
+        the singular case), so global rank allocation on S works unchanged.
+    """
+    U, S, V, R11, _ = _solve_parts(W, R_full, alpha, mu, rtol)
+    return U, S, V, R11
+
+
+def output_factors(
+    W: torch.Tensor,
+    R_full: torch.Tensor,
+    rank: int,
+    alpha: float,
+    mu: float = 0.0,
+    *,
+    rtol: float | None = None,
+    return_singular_values: bool = False,
+):
+    """The rank-r minimiser of ||T W^T - Xh (A B)^T||_F^2 + mu ||W - A B||_F^2.
+
+    A = U_r (m x r, orthonormal columns) from ``output_svd``, and
+
+        B^T = W^T A + alpha R11^+ (R12 - R11) W^T A,
+
+    which equals R11^-1 V_r S_r when R11 is invertible (V_r S_r = R12' W^T A),
+    but solves only for the input shift Q1^T (X - Xh) = R12 - R11: alpha = 0
+    (and Xh = X) needs no solve and gives ``coala_factors(W, R11, r)`` exactly.
+
+    Singular or ill-conditioned R11 (fewer tokens than features, duplicated or
+    dead features in Xh, mu = 0): never inverted. The rule:
+
+    - alpha = 0: no solve at all (B = A^T W, as ``coala_factors``).
+    - alpha > 0: a cheap estimate of cond(R11) (a few triangular solves and
+      products, O(n^2)) picks the triangular solve when cond(R11) is clearly
+      below 1 / rtol. Otherwise (and always when R11 has fewer rows than n)
+      R11 = P_1 Sigma Q_1^T by SVD, singular values <= rtol * sigma_max count
+      as zero, and the problem is solved exactly on range(R11): A = top-r
+      left singular vectors of W R12'^T P_1 P_1^T (the target projected on
+      what W' R11^T can reach), and R11^+ = Q_1 Sigma^-1 P_1^T in the formula
+      above.
+
+    Why not the minimum-norm least-squares B: along directions Xh does not
+    span, the objective does not see B, and the minimum-norm solution sets W'
+    to zero there, i.e. deletes the layer's response to features the
+    calibration never excited. The formula above is instead the minimiser
+    closest to W (||W - AB|| smallest among all minimisers with this A),
+    which is the mu -> 0+ limit of the regularised solution, and the rule
+    ``coala_factors`` already follows (B = U_r^T W). Directions with
+    sigma_i(R11) <= rtol * sigma_max are noise in a working-precision R (its
+    backward error is about eps * ||[Xh | X]||); solving on them would put
+    noise / sigma_i, unbounded, into B. Pass mu > 0 to trade a little
+    objective for a pull toward W instead.
+
+    When rank exceeds the columns of U (rank > min(m, numerical rank of R11)),
+    the objective is already at its floor; the remaining columns of A are the
+    top left singular vectors of the residual W - U U^T W (as coala_factors).
+
+    Cost: one SVD of an m x k1 matrix (as coala_factors); for alpha > 0 a
+    triangular solve with r right-hand sides, or, when R11 is ill-conditioned,
+    an SVD of R11 (k1 x n) as well.
+
+    Args:
+        W: weight (m x n), any float dtype.
+        R_full: factor of [Xh | X] (k x 2n), see ``split_r``.
+        rank: 1 <= rank <= min(m, n).
+        alpha: target mix in [0, 1].
+        mu: absolute regularisation >= 0.
+        rtol: see ``output_svd``; must be in [0, 1).
+        return_singular_values: also return S from ``output_svd``.
+
+    Returns:
+        (A, B) or (A, B, S) in the working dtype.
+
+    Raises:
+        UsageError for bad shapes, dtypes, alpha, mu, rtol or rank.
+    """
+    check_matrix("W", W)
+    check_rank(rank, *W.shape)
+    U, S, V, R11, solve = _solve_parts(W, R_full, alpha, mu, rtol)
+    W = W.to(U.dtype)
+    A = U[:, :rank]
+    if rank > A.shape[1]:
+        A = torch.cat([A, residual_directions(W, A, rank - A.shape[1])], dim=1)
+    Bt = W.T @ A
+    if solve is not None:
+        shift, pinv = solve
+        Bt = Bt + float(alpha) * pinv(shift @ Bt)
+    B = Bt.T.contiguous()
+    return (A, B, S) if return_singular_values else (A, B)
+
+
+def output_error(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R_full: torch.Tensor,
+    alpha: float,
+    mu: float = 0.0,
+) -> float:
+    """||T W^T - Xh (A B)^T||_F^2 + mu ||W - A B||_F^2, from R alone, in float64.
+
+    = ||R12' W^T - R11 (A B)^T||^2 + ||R22' W^T||^2 (+ the mu rows, folded in
+    by ``regularize_pair``). Costs O(k n (m + r)) flops.
+    """
+    check_matrix("W", W)
+    check_matrix("A", A)
+    check_matrix("B", B)
+    m, n = W.shape
+    if A.shape[0] != m or B.shape[1] != n or A.shape[1] != B.shape[0]:
+        raise UsageError(
+            f"A, B: expected (m x r) and (r x n) factors for W of {m} x {n}, "
+            f"got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
+    Rt = _prepared_target(W, R_full, alpha, mu, torch.float64)
+    F64 = torch.float64
+    Wd, Ad, Bd = W.to(F64), A.to(device=W.device, dtype=F64), B.to(device=W.device, dtype=F64)
+    R11, R12t, R22t = Rt[:n, :n], Rt[:n, n:], Rt[n:, n:]
+    D = R12t @ Wd.T - (R11 @ Bd.T) @ Ad.T
+    return float(torch.linalg.norm(D) ** 2 + torch.linalg.norm(R22t @ Wd.T) ** 2)
+
+
+def relative_output_error(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    R_full: torch.Tensor,
+    alpha: float,
+    mu: float = 0.0,
+) -> float:
+    """``output_error`` divided by ||T W^T||_F^2 + mu ||W||_F^2 (0 when both are 0)."""
+    err = output_error(W, A, B, R_full, alpha, mu)
+    n = W.shape[1]
+    Rt = _prepared_target(W, R_full, alpha, mu, torch.float64)
+    total = float(torch.linalg.norm(Rt[:, n:] @ W.to(torch.float64).T) ** 2)
+    return err / total if total > 0 else 0.0
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _solve_parts(W, R_full, alpha, mu, rtol):
+    """(U, S, V, R11, solve): solve is None (alpha = 0) or (R12 - R11, R11^+ as a function)."""
+    check_matrix("W", W)
+    n = W.shape[1]
+    _check_r_full(R_full, n)
+    alpha = _check_alpha(alpha)
+    mu = check_mu(mu)
+    if rtol is not None and (
+        isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0.0 <= rtol < 1.0
+    ):
+        raise UsageError(f"rtol: expected None or a number in [0, 1), got {rtol!r}")
+    dtype = torch.promote_types(torch.promote_types(W.dtype, R_full.dtype), torch.float32)
+    W = W.to(dtype)
+    R = regularize_pair(R_full.to(device=W.device, dtype=dtype), n, mu)
+    R11, R12 = R[:n, :n], R[:n, n:]
+    if alpha == 0.0:
+        U, S, Vh = torch.linalg.svd(W @ R11.T, full_matrices=False)
+        return U, S, Vh.T, R11, None
+    R12t = (1.0 - alpha) * R11 + alpha * R12
+    G = W @ R12t.T
+    if rtol is None:
+        rtol = max(R11.shape) * torch.finfo(dtype).eps
+    if _nonsingular(R11, rtol):
+
+        def pinv(Y):
+            return torch.linalg.solve_triangular(R11, Y, upper=True)
+
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        V = Vh.T
+    else:
+        P1, sig, Q1h = torch.linalg.svd(R11, full_matrices=False)
+        keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
+        p = int(keep.sum())
+        P1, sig, Q1 = P1[:, :p], sig[:p], Q1h[:p].T
+
+        def pinv(Y):
+            return Q1 @ ((P1.T @ Y) / sig.unsqueeze(1))
+
+        U, S, Vh = torch.linalg.svd(G @ P1, full_matrices=False)
+        V = P1 @ Vh.T
+    return U, S, V, R11, (R12 - R11, pinv)
+
+
+def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
+    """True when the triangle R11 is clearly well-conditioned: cond(R11) * 10 < 1 / rtol.
+
+    A wide trapezoid (fewer rows than columns) or a pivot <= rtol * max pivot
+    is singular at once (cond >= max|d_i| / min|d_i| for a triangle). Otherwise
+    block power iterations estimate sigma_max(R11) and sigma_max(R11^-1) (lower
+    bounds that converge fast; the safety factor 10 covers the shortfall). An
+    underestimate only matters near the threshold, where the solve is still
+    finite; a (near-)singular R11 makes the inverse iteration blow up (inf or
+    huge), which is caught.
+    """
+    k, n = R11.shape
+    if k < n or n == 0:
+        return k >= n
+    d = torch.diagonal(R11).abs()
+    dmax = float(d.max())
+    if not dmax > 0 or float(d.min()) <= rtol * dmax:
+        return False
+    limit = 1.0 / (max(rtol, torch.finfo(R11.dtype).eps) * _COND_SAFETY)
+    g = torch.Generator().manual_seed(0)
+    Z0 = torch.randn(n, min(_ESTIMATE_BLOCK, n), generator=g, dtype=torch.float64)
+    Z0 = torch.linalg.qr(Z0).Q.to(device=R11.device, dtype=R11.dtype)
+    Z = Z0
+    for _ in range(_ESTIMATE_ITERS):
+        Z = torch.linalg.qr(R11.T @ (R11 @ Z)).Q
+    smax = float(torch.linalg.matrix_norm(R11 @ Z, 2))
+    Z = Z0
+    with torch.no_grad():
+        for _ in range(_ESTIMATE_ITERS):
+            Y = torch.linalg.solve_triangular(R11.T, Z, upper=False)
+            Z = torch.linalg.solve_triangular(R11, Y, upper=True)
+            if not bool(torch.isfinite(Z).all()):
+                return False
+            Z = torch.linalg.qr(Z).Q
+        Y = torch.linalg.solve_triangular(R11.T, Z, upper=False)
+        if not bool(torch.isfinite(Y).all()):
+            return False
+        inv_norm = float(torch.linalg.matrix_norm(Y, 2))
+    return math.isfinite(inv_norm) and smax * inv_norm < limit
+
+
+def _prepared_target(W, R_full, alpha, mu, dtype):
+    n = W.shape[1]
+    _check_r_full(R_full, n)
+    R = regularize_pair(R_full.to(device=W.device, dtype=dtype), n, mu)
+    return target_r(R, n, alpha)
+
+
+def _check_r_full(R_full, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"n: expected a positive int (the input features of W), got {n!r}")
+    check_matrix("R_full", R_full)
+    if R_full.shape[1] != 2 * n:
+        raise UsageError(
+            f"R_full: expected 2n = {2 * n} columns (the factor of [Xh | X] for n = {n} "
+            f"input features), got shape {tuple(R_full.shape)}"
+        )
+    if bool((torch.tril(R_full, -1) != 0).any()):
+        raise UsageError(
+            "R_full: expected an upper-trapezoidal factor (the R of a QR of [Xh | X], e.g. "
+            "fold_r of its rows); found nonzero entries below the diagonal"
+        )
+
+
+def _check_alpha(alpha) -> float:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or not 0.0 <= alpha <= 1.0
+    ):
+        raise UsageError(
+            f"alpha: expected a number in [0, 1] (T = alpha X + (1 - alpha) Xh), got {alpha!r}"
+        )
+    return float(alpha)
+

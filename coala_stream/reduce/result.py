@@ -1,0 +1,152 @@
+"""The reduce result format: its one writer, its one reader, and what state a result is in.
+
+One safetensors file per input, ``store.reduce_dir / "<name>.safetensors"``,
+written atomically by ``checkpoint.save_state`` (docs/design.md, "Reduce
+output"). Tensors: ``R`` (k x n), ``abs_sum`` (n, float64), optionally ``gram``
+(n x n float32). JSON metadata: fingerprint, next_chunk, chunks, tokens,
+complete, dtype, device, threads, seconds, settings, tool_version. The same
+file is the checkpoint (``complete: false``) and the result.
+
+`result_state` is the one place that decides what a result is worth against
+the store as it is now; reduce (what to do), solve (whether to accept it) and
+status (what to show) all ask it, so their words never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from .._version import __version__
+from ..errors import CheckpointMismatch, DataError
+
+# Settings that change the numbers of R: a checkpoint made with others is refused.
+RESULT_SETTINGS = ("dtype", "with_gram", "group_chunks")
+RESTART_HINT = "rerun reduce with --restart to discard it and start this input over"
+
+
+@dataclass
+class ReducedInput:
+    """What reduce folded one input into.
+
+    R: (k x n) float32/float64 upper-trapezoidal, R^T R = X^T X over the folded rows.
+    abs_sum: (n,) float64, sum of |x| per column. gram: (n x n) float32 or None.
+    tokens: rows folded so far; complete: all committed chunks folded when it was written.
+    meta: the whole JSON metadata (fingerprint, next_chunk, settings, ...).
+    """
+
+    name: str
+    R: torch.Tensor
+    abs_sum: torch.Tensor | None
+    gram: torch.Tensor | None
+    tokens: int
+    complete: bool
+    meta: dict
+
+
+@dataclass
+class ResultState:
+    """A result file judged against the store now.
+
+    label: "not started" | "in progress" | "behind" (complete when written, but the
+    store has committed chunks since: reduce extends it) | "complete" | "mismatch"
+    (made from other data or settings: reduce refuses until --restart) | "unreadable".
+    """
+
+    label: str
+    next_chunk: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    message: str = ""
+    meta: dict | None = None
+
+    @property
+    def usable(self) -> bool:
+        """A finished R of exactly the data the store holds now."""
+        return self.label == "complete"
+
+
+def result_path(store, name: str) -> Path:
+    return Path(store.reduce_dir) / f"{name}.safetensors"
+
+
+def write_result(path: Path, part, meta: dict) -> None:
+    """Write a fold state (`fold.Partial`) and its metadata atomically."""
+    tensors = {"R": part.R, "abs_sum": part.abs_sum}
+    if part.gram is not None:
+        tensors["gram"] = part.gram
+    checkpoint.save_state(path, tensors, {**meta, "tool_version": __version__})
+
+
+def read_meta(path: Path) -> dict:
+    """The metadata of a result file (its header only); DataError if unreadable."""
+    return checkpoint.load_meta(path)
+
+
+def read_result(store, name: str) -> ReducedInput | None:
+    """The result (or checkpoint) of input ``name`` with tensors on the CPU; None if none."""
+    store.input(name)  # StoreError for an unknown name
+    path = result_path(store, name)
+    if not path.is_file():
+        return None
+    tensors, meta = checkpoint.load_state(path)
+    if "R" not in tensors:
+        raise DataError(f"reduce file {path} has no tensor 'R' (found {sorted(tensors)}); it was "
+                        f"not written by coala-stream reduce: delete it and rerun reduce")
+    return ReducedInput(name=name, R=tensors["R"], abs_sum=tensors.get("abs_sum"),
+                        gram=tensors.get("gram"), tokens=int(meta.get("tokens", 0)),
+                        complete=bool(meta.get("complete", False)), meta=meta)
+
+
+def result_state(store, info, settings: dict | None = None) -> ResultState:
+    """What the result file of input ``info`` (a store InputInfo) is worth now.
+
+    ``settings`` (reduce's, `ReduceConfig.settings`) also compares how it was folded;
+    without them (status, solve) any settings are accepted.
+    """
+    path = result_path(store, info.name)
+    if not path.is_file():
+        return ResultState("not started", chunks=info.num_chunks)
+    try:
+        meta = read_meta(path)
+    except DataError as exc:
+        return ResultState("unreadable", chunks=info.num_chunks, message=str(exc))
+    base = dict(next_chunk=int(meta.get("next_chunk", 0)), chunks=info.num_chunks,
+                tokens=int(meta.get("tokens", 0)), meta=meta)
+    problem = _mismatch(store, info, path, meta, settings)
+    if problem:
+        return ResultState("mismatch", message=problem, **base)
+    if not meta.get("complete"):
+        return ResultState("in progress", **base)
+    if base["next_chunk"] < info.num_chunks:
+        return ResultState("behind", message=f"{path.name} folded {base['next_chunk']} of the "
+                           f"{info.num_chunks} chunks the store holds now", **base)
+    return ResultState("complete", **base)
+
+
+def _mismatch(store, info, path: Path, meta: dict, settings: dict | None) -> str:
+    if "next_chunk" not in meta or "tokens" not in meta:
+        return f"{path} is not a reduce checkpoint (no next_chunk); {RESTART_HINT}"
+    for key in RESULT_SETTINGS if settings is not None else ():
+        old = (meta.get("settings") or {}).get(key)
+        if old != settings[key]:
+            return (f"{path} was made with {key}={old!r}, this run uses {key}={settings[key]!r}; "
+                    f"use the same settings to resume, or {RESTART_HINT}")
+    next_chunk = int(meta["next_chunk"])
+    if next_chunk > info.num_chunks:
+        return (f"{path} folded {next_chunk} chunks of input {info.name!r} but the store now holds "
+                f"{info.num_chunks}: the store was rolled back or recaptured; {RESTART_HINT}")
+    if meta.get("fingerprint") != store.fingerprint(info.name, upto=next_chunk):
+        return (f"{path} does not match the store: chunks 0..{next_chunk - 1} of input "
+                f"{info.name!r} differ from those it folded (another store, or rewritten chunks); "
+                f"{RESTART_HINT}")
+    return ""
+
+
+def check_state(state: ResultState) -> None:
+    """CheckpointMismatch for a result reduce must not continue from."""
+    if state.label in ("mismatch", "unreadable"):
+        raise CheckpointMismatch(state.message)

@@ -1,0 +1,20 @@
+"""Block-by-block capture and propagation: an orchestrator above capture, reduce and solve.
+
+- `config`: `SequentialConfig` (a `CaptureConfig` plus --sequential, --propagate, ...);
+- `blocks`: the model as embeddings + decoder blocks loaded one at a time;
+- `workdir`: hidden states between blocks, the progress record, pending chunks;
+- `passes`: one pass of all samples through a block (capture and/or propagate);
+- `propagate`: reduce, solve and compress a block (--propagate);
+- `run`: `run_sequential`, and `run`, which is what `coala-stream capture` calls.
+"""
+
+from .blocks import BlockModel, check_supported
+from .config import SequentialConfig
+from .passes import capture_block, finish
+from .propagate import compress_block, propagate_block, reduce_inputs, reduced_input
+from .run import run, run_sequential
+from .workdir import WorkDir, default_hidden_dir
+
+__all__ = ["BlockModel", "check_supported", "SequentialConfig", "capture_block", "finish",
+           "compress_block", "propagate_block", "reduce_inputs", "reduced_input", "run",
+           "run_sequential", "WorkDir", "default_hidden_dir"]

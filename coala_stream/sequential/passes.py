@@ -1,0 +1,138 @@
+"""The passes of a block: all samples through block k, capturing its inputs and/or writing its
+outputs (`capture_block`), and the final commit of every input's last chunk (`finish`)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import checkpoint, signals
+from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, linear_input, probe_run
+from ..errors import StoreError
+from .blocks import BlockModel
+from .config import SequentialConfig
+from .workdir import WorkDir
+
+
+def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: str,
+                   targets: list, write_output: bool, rec: dict, plan: Plan, config: SequentialConfig,
+                   bar, say) -> int:
+    """All samples through block ``k`` (loaded), capturing the inputs of ``targets`` and,
+    with ``write_output``, writing its outputs to ``dst`` (without, the forward stops after
+    the last hooked linear); returns raw bytes written. Resumes after the committed chunks
+    and the output rows written (by an earlier run)."""
+    samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
+    dtype = getattr(torch, plan.dtype)
+    groups: list[InputGroup] = []
+    fire_order: list[str] = []
+    if targets:
+        x0 = work.read(src, 0, 1).to(bm.device)
+        groups, fire_order, crc = probe_run(lambda: bm.run_block(k, x0), targets, seq_len, dtype)
+        old = rec["probe_crc32"].get(str(k))
+        if old is not None and old != crc:
+            say(f"warning: block {k}'s activations on sample 0 differ from those recorded when it "
+                f"was started (other weights, device or library versions?): the resumed part "
+                f"will not be bit-identical to an uninterrupted run")
+        if old is None:
+            rec["probe_crc32"][str(k)] = crc
+            work.write_progress(rec)
+        for g in groups:
+            store.create_input(g.name, g.n, g.consumers)  # idempotent; StoreError if it differs
+    infos = {g.name: store.input(g.name) for g in groups}
+    committed = {i.tokens for i in infos.values()}
+    if len(committed) > 1:
+        raise StoreError(f"{store.path}: the inputs of block {k} hold different committed token "
+                         f"counts ({sorted(committed)}); the store is inconsistent (--overwrite "
+                         f"starts over)")
+    cap_start = (committed.pop() if committed else 0) // seq_len  # whole chunks: batch-aligned
+    per_chunk = plan.chunk_tokens // seq_len
+    if not groups:
+        cap_start = samples
+    out_block, out_rows = work.state(dst)
+    done_out = samples if not write_output else (out_rows if out_block == k else 0)
+    start = (min(cap_start, done_out) // B) * B
+    bar.update(min(start, samples))
+    if start >= samples:
+        return 0
+    if write_output and out_block != k:
+        work.array(dst, bm.model.config.hidden_size)
+        work.set_state(dst, k, 0)  # the array held block k-2's output: now block k's, empty
+
+    first_chunk = cap_start * seq_len // plan.chunk_tokens
+    buffers = {g.name: ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
+    crcs = {g.name: list(infos[g.name].chunk_crc32) for g in groups}
+    writer = ChunkWriter(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize, plan.writers)
+    stop_after = fire_order[-1] if (not write_output and fire_order) else None
+    feeding = [False]
+
+    def hook(name):
+        def pre_hook(mod, args, kwargs):
+            if feeding[0]:
+                x = linear_input(args, kwargs)
+                for index, chunk in buffers[name].add(x.reshape(-1, x.shape[-1])):
+                    writer.put(("chunk", name, index, chunk))
+            if name == stop_after:
+                raise StopForward
+        return pre_hook
+
+    mods = dict(bm.blocks[k].named_modules())
+    head = f"{bm.prefix}.{k}."
+    handles = [mods[g.name[len(head):]].register_forward_pre_hook(hook(g.name), with_kwargs=True)
+               for g in groups]
+    done_chunks = cap_start // per_chunk
+    try:
+        with torch.no_grad():
+            for s in range(start, samples, B):
+                feeding[0] = s >= cap_start  # cap_start is a chunk, hence a batch, boundary
+                out = bm.run_block(k, work.read(src, s, s + B).to(bm.device))
+                if write_output:
+                    work.write(dst, s, out, block=k)
+                if signals.requested():
+                    break  # no commit after a signal: what follows is redone on resume
+                done = min(s + B, samples)
+                while feeding[0] and (done_chunks + 1) * per_chunk <= done:
+                    done_chunks += 1
+                    writer.put(("commit", 0, done_chunks * plan.chunk_tokens, False))
+                bar.update(done - s)
+        writer.close()
+    except BaseException:
+        writer.close()  # finish queued commits; a writer error (disk full) replaces this one
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+    signals.check("capture", f"in block {k} (every committed chunk is kept)")
+    for name, b in buffers.items():  # the last, partial chunk: kept aside until the end
+        p = b.flush()
+        if p is not None:
+            checkpoint.save_state(work.pending_path(name), {"rows": p[1]},
+                                  {"index": p[0], "block": k})
+    return writer.raw_bytes
+
+
+def finish(store, work: WorkDir, samples: int, seq_len: int) -> tuple[list[str], int]:
+    """Write every input's pending partial chunk, then the one complete commit.
+    Returns (input names, raw bytes written)."""
+    names = store.inputs
+    committed, raw = {}, 0
+    for name in names:
+        info = store.input(name)
+        crcs, tokens = list(info.chunk_crc32), info.tokens
+        p = work.pending_path(name)
+        if tokens < samples * seq_len:
+            if not p.is_file():
+                raise StoreError(f"{store.path}: input {name} holds {tokens} of "
+                                 f"{samples * seq_len} rows and its last chunk is missing from "
+                                 f"{p.parent}; delete {work.path} and rerun to recompute it")
+            t, meta = checkpoint.load_state(p)
+            if meta.get("index") != len(crcs):
+                raise StoreError(f"{p}: pending chunk {meta.get('index')} does not follow the "
+                                 f"{len(crcs)} committed chunks of {name}")
+            crcs.append(store.write_chunk(name, len(crcs), t["rows"]))
+            raw += t["rows"].numel() * t["rows"].element_size()
+            tokens += t["rows"].shape[0]
+        if tokens != samples * seq_len:
+            raise StoreError(f"{store.path}: input {name} would hold {tokens} rows, not "
+                             f"{samples * seq_len}; the store is inconsistent (--overwrite)")
+        committed[name] = (tokens, crcs)
+    store.commit(samples, committed, complete=True)
+    return names, raw

@@ -1,0 +1,104 @@
+"""One signal policy for every long-running stage (capture, reduce, sequential capture).
+
+SIGINT / SIGTERM set a flag; the stage checks it at its safe points (between
+batches, between fold groups), saves its state there and raises `Interrupted`
+(exit code 75: schedulers requeue such a job, and the same command resumes).
+Nothing is ever interrupted half-way through a write: no exception is raised
+from the signal handler itself.
+
+No signal is dropped: a signal that arrives after the stage's last safe point
+(say, during the last fold group of the last input) is raised as `Interrupted`
+when the stage's `StopRequests` block ends, after the stage saved its result.
+An orchestrator running stages inside a longer job (a propagating capture runs
+reduce once per block) therefore stops as well, instead of going on until the
+scheduler's SIGKILL.
+
+Nested blocks share the outermost one's flag: a reduce run inside a sequential
+capture sees the signal the capture received, saves, and raises; the capture
+lets that `Interrupted` through (its own progress record is already saved). A second signal restores the
+previous handlers and re-raises itself, so a user can always force an exit
+(whatever was saved stays valid). Handlers are installed only from the main
+thread (signal's rule); elsewhere the block is a no-op.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from .errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_active: list["StopRequests"] = []  # the blocks entered in the main thread, outermost first
+
+
+class StopRequests:
+    """``with StopRequests("reduce") as stop: ... stop.check("at chunk 4")``; see the module doc."""
+
+    def __init__(self, what: str = "the run"):
+        self.what = what
+        self._signame: str | None = None
+        self._old: dict = {}
+        self._outer: StopRequests | None = None
+        self._entered = False
+
+    @property
+    def signame(self) -> str | None:
+        """Name of the first signal received (SIGTERM, SIGINT), None if none."""
+        return self._outer.signame if self._outer is not None else self._signame
+
+    def __bool__(self) -> bool:
+        return self.signame is not None
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            if _active:
+                self._outer = _active[0]
+            else:
+                for sig in SIGNALS:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            _active.append(self)
+            self._entered = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._entered:
+            _active.remove(self)
+            self._restore()
+        if exc_type is None and self.signame is not None:
+            raise self.interrupted(f"after {self.what} saved its work")
+
+    def check(self, where: str) -> None:
+        """Raise `Interrupted` naming ``where`` if a signal arrived (call after saving state)."""
+        if self.signame is not None:
+            raise self.interrupted(where)
+
+    def interrupted(self, where: str) -> Interrupted:
+        return Interrupted(f"{self.what} interrupted by {self.signame} {where}; rerun the same "
+                           f"command to resume")
+
+    def _handle(self, signum, frame) -> None:
+        if self._signame is not None:  # the second one: act as if we were not here
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self._signame = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def check(what: str, where: str) -> None:
+    """`StopRequests.check` for code running inside some stage's block (a helper that was not
+    handed the block): raise `Interrupted` if the outermost active block got a signal."""
+    if _active and _active[0].signame is not None:
+        raise Interrupted(f"{what} interrupted by {_active[0].signame} {where}; rerun the same "
+                          f"command to resume")
+
+
+def requested() -> bool:
+    """True once the outermost active block got a signal (for loops that stop at their next
+    safe point and then `check`)."""
+    return bool(_active) and _active[0].signame is not None

@@ -1,0 +1,94 @@
+"""`SolveConfig`: the settings of one solve (the CLI's options are generated from it)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from ..devices import resolve_device
+from ..errors import UsageError
+
+METHODS = ("coala", "svd", "svdllm", "asvd")  # `layer.FACTORIZERS` implements each
+ALLOCATIONS = ("uniform", "global")
+FORMATS = ("factorized", "dense", "peft")  # `export.WRITERS` writes each
+
+
+@dataclass
+class SolveConfig:
+    """Settings of one solve; each field's help is also its CLI help."""
+
+    out: str = field(metadata={"help": "output directory (written beside it under a temporary "
+                                       "name, renamed when complete)", "metavar": "DIR",
+                               "required": True})
+    model: str | None = field(default=None, metadata={
+        "help": "the source model (HF directory or .gguf file); default: the one recorded in the store",
+        "metavar": "MODEL"})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "name of the GGUF file inside MODEL, when MODEL is a directory", "metavar": "NAME"})
+    method: str = field(default="coala", metadata={
+        "help": "coala (W R^T SVD, Gram-free) | svd (weights only) | svdllm (Gram + Cholesky, "
+                "as SVD-LLM) | asvd (activation-scaled SVD)", "choices": METHODS})
+    ratio: float | None = field(default=None, metadata={
+        "help": "fraction of each compressed matrix's parameters to remove, in (0, 1) "
+                "(SVD-LLM convention: 0.2 keeps 80 percent; rank = floor((1-F) m n / (m + n)))",
+        "metavar": "F", "exclusive": "size"})
+    rank: int | None = field(default=None, metadata={
+        "help": "fixed rank for every layer instead of --ratio (the adapter rank for --format peft)",
+        "metavar": "N", "exclusive": "size"})
+    allocate: str = field(default="uniform", metadata={
+        "help": "uniform: the same ratio (or rank) per layer | global: the same total parameter "
+                "budget spent where it lowers the summed normalised error most (kept only if it "
+                "beats uniform on that error)", "choices": ALLOCATIONS})
+    mu: float = field(default=0.0, metadata={
+        "help": "regularisation mu, relative: absolute mu = F * ||R||_F^2 / n; coala only",
+        "metavar": "F"})
+    adaptive_mu: bool = field(default=False, metadata={
+        "help": "scale mu per layer by its squared relative error at its rank (COALA authors' option)"})
+    layers: str | None = field(default=None, metadata={
+        "help": "regular expression (re.search) choosing the linear layers to compress among those "
+                "the store has inputs for; default: all of them", "metavar": "REGEX"})
+    format: str = field(default="factorized", metadata={
+        "help": "factorized: two small linears per layer, load with coala_stream.load_model | "
+                "dense: W' = A B in an ordinary HF checkpoint | peft: residual base W - A B plus "
+                "a LoRA adapter holding A, B", "choices": FORMATS})
+    asvd_alpha: float = field(default=0.5, metadata={"help": "ASVD's exponent on mean |x|",
+                                                     "metavar": "A"})
+    device: str = field(default="cpu", metadata={"help": "where to compute: cpu, cuda or cuda:N"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: the CPUs this process may use, see the README's "
+                "'Threads')", "metavar": "N"})
+    allow_incomplete: bool = field(default=False, metadata={
+        "help": "compress from a store whose capture is not finished (killed, still running, or "
+                "a sequential capture whose later blocks do not exist yet); recorded in the report"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output directory"})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"--allocate must be uniform or global, got {self.allocate!r}")
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if (self.ratio is None) == (self.rank is None):
+            raise UsageError("give exactly one of --ratio F (fraction of parameters to remove) or "
+                             "--rank N")
+        if self.ratio is not None:
+            if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
+                raise UsageError(f"--ratio: expected the fraction of parameters to remove, in "
+                                 f"(0, 1), got {self.ratio!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                      or self.rank < 1):
+            raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
+        if not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu) and self.mu >= 0):
+            raise UsageError(f"--mu must be a finite number >= 0, got {self.mu!r}")
+        if self.mu > 0 and self.method != "coala":
+            raise UsageError(f"--mu applies to --method coala only (got --method {self.method})")
+        if self.adaptive_mu and self.mu == 0:
+            raise UsageError("--adaptive-mu scales --mu per layer; give --mu > 0 as well")
+        if self.layers is not None:
+            try:
+                re.compile(self.layers)
+            except re.error as exc:
+                raise UsageError(f"--layers {self.layers!r} is not a valid regular expression: {exc}") from exc
+        resolve_device(self.device)
