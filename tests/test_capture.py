@@ -474,3 +474,25 @@ def test_embedded_smollm2_first_block(tmp_path):
         p + "self_attn.q_proj": (576, 3, 128), p + "self_attn.o_proj": (576, 1, 128),
         p + "mlp.gate_proj": (576, 2, 128), p + "mlp.down_proj": (1536, 1, 128)}
     assert x.shape == (128, 1536) and bool(torch.isfinite(x).all()) and x.abs().max() > 0
+
+
+def test_two_captures_on_one_store_and_overwrite_under_a_reduce_are_refused(
+        tiny_model_dir, text_file, tmp_path):
+    from coala_stream import checkpoint
+    from coala_stream.capture import capture_lock
+    from coala_stream.errors import LockedError
+
+    out = tmp_path / "s.zarr"
+    with capture_lock(out):  # another capture is writing it
+        with pytest.raises(LockedError, match="another capture holds the lock"):
+            run_capture(config(tiny_model_dir("float32"), out, text_file), progress=False)
+    assert not out.exists()
+    run_capture(config(tiny_model_dir("float32"), out, text_file), progress=False)
+    with open_store(out) as s:
+        lock = checkpoint.StoreLock(s.reduce_dir / checkpoint.REDUCE_LOCK, what="reduce")
+    with lock:  # a reduce is folding it: --overwrite must not delete it (reduce/ included)
+        with pytest.raises(LockedError, match="while a reduce holds its lock"):
+            run_capture(config(tiny_model_dir("float32"), out, text_file, samples=2, overwrite=True),
+                        progress=False)
+    with open_store(out) as s:
+        assert s.attrs["capture"]["complete"] and s.attrs["calibration"]["samples"] != 2

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from coala_stream.cli import SUBCOMMANDS, main
+import dataclasses
+
+from coala_stream.cli import SUBCOMMANDS, build_parser, main
+from coala_stream.cli.options import config_from_args
+from coala_stream.evaluate import EvalConfig
+from coala_stream.reduce import ReduceConfig
+from coala_stream.sequential import SequentialConfig
+from coala_stream.solve import SolveConfig
+
+CONFIGS = {"capture": SequentialConfig, "reduce": ReduceConfig, "solve": SolveConfig,
+           "eval": EvalConfig}
+REQUIRED = {"capture": ["--out", "s.zarr"], "reduce": ["s.zarr"], "solve": ["s.zarr", "--out", "o"]}
+REQUIRED_FIELDS = {"capture": ("out",), "solve": ("out",)}
 
 
 def test_top_level_help_lists_every_subcommand(capsys):
@@ -23,7 +35,21 @@ def test_each_subcommand_help_renders_with_defaults(name, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: coala-stream {name}")
-    assert "--" in out
+    config = CONFIGS.get(name)
+    if config is None:
+        assert "--json" in out
+        return
+    # every setting of the stage's config is an option with the config's own help and default
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        shown = f.name if meta.get("positional") else "--" + f.name.replace("_", "-")
+        assert shown in out, f"{shown} missing from {name} --help"
+        first_words = " ".join(meta["help"].split()[:3])
+        assert first_words in " ".join(out.split()), f"{shown}'s help missing from {name} --help"
+    defaults = config_from_args(config, build_parser().parse_args([name, *REQUIRED.get(name, [])]))
+    assert {f.name: getattr(defaults, f.name) for f in dataclasses.fields(config)} == \
+        {f.name: getattr(config(**{k: getattr(defaults, k) for k in REQUIRED_FIELDS.get(name, ())}), f.name)
+         for f in dataclasses.fields(config)}  # the CLI's defaults are the dataclass's
 
 
 def test_no_subcommand_prints_help_and_exits_2(capsys):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from coala_stream.errors import UsageError
 from coala_stream.linalg import (
     _PANELED_MIN_COLUMNS,
     _canonical,
@@ -407,3 +408,30 @@ def test_balance_factors_keeps_the_product_and_splits_the_scale(dtype):
     S = torch.linalg.svdvals((A @ B).double())[:8]
     torch.testing.assert_close((A2.T @ A2).double(), torch.diag(S), rtol=tol * 10, atol=tol * 10 * S[0].item())
     torch.testing.assert_close((B2 @ B2.T).double(), torch.diag(S), rtol=tol * 10, atol=tol * 10 * S[0].item())
+
+
+def test_fold_and_merge_refuse_a_factor_that_is_not_triangular():
+    """The CPU fold reads only R's upper triangle: a full matrix was folded wrongly in silence."""
+    from coala_stream.linalg import merge_r
+
+    full = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+    R = fold_r([torch.randn(20, 6, generator=torch.Generator().manual_seed(2))])
+    with pytest.raises(UsageError, match=r"R: expected an upper triangular .* entry \(1, 0\)"):
+        fold_r([torch.randn(8, 6)], R=full)
+    with pytest.raises(UsageError, match="R2: expected an upper triangular"):
+        merge_r(R, full)
+    merge_r(R, R)  # a real factor is fine
+
+
+def test_residual_directions_are_orthogonal_to_A_for_a_rank_deficient_W():
+    from coala_stream.linalg import residual_directions
+
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(12, 2, generator=g, dtype=torch.float64)
+         @ torch.randn(2, 10, generator=g, dtype=torch.float64))  # rank 2
+    A, B = coala_factors(W, fold_r([torch.randn(40, 10, generator=g, dtype=torch.float64)],
+                                   dtype=torch.float64), 6)
+    assert torch.allclose(A.T @ A, torch.eye(6, dtype=torch.float64), atol=1e-12)
+    extra = residual_directions(W, A[:, :2], 4)
+    assert torch.allclose(A[:, :2].T @ extra, torch.zeros(2, 4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(extra.T @ extra, torch.eye(4, dtype=torch.float64), atol=1e-12)

@@ -370,3 +370,20 @@ def test_cond_estimate_of_short_or_singular_r_is_inf():
     R = torch.eye(4)
     R[2, 2] = 0
     assert cond_estimate(R) == (math.inf, "singular")
+
+
+def test_an_unfinished_capture_is_refused_unless_allowed_and_then_noted():
+    """A killed or running capture (or a sequential one without its later blocks) holds only
+    part of the calibration: solve said nothing before."""
+    from types import SimpleNamespace
+
+    from coala_stream.solve import check_capture_complete
+
+    store = SimpleNamespace(path="s.zarr", attrs={"capture": {"samples_done": 3, "complete": False},
+                                                  "calibration": {"samples": 8}})
+    with pytest.raises(StoreError, match=r"not complete \(3 of 8 samples.*--allow-incomplete"):
+        check_capture_complete(store, allow=False)
+    notes = check_capture_complete(store, allow=True)
+    assert len(notes) == 1 and "--allow-incomplete" in notes[0] and "3 of 8" in notes[0]
+    store.attrs["capture"]["complete"] = True
+    assert check_capture_complete(store, allow=False) == []
