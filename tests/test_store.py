@@ -7,16 +7,24 @@ means equal bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -487,3 +495,306 @@ def test_kill_then_resume(tmp_path, backend):
                 assert torch.equal(bits(chunk), want)
             assert s._rows(Q) == s.input(Q).tokens
             assert s.attrs["capture"]["samples_done"] == s.input(Q).num_chunks
+
+
+# -- a commit interrupted anywhere (defect 5 of issue 15) ----------------------------------
+NAMES = [Q, "model.layers.0.mlp.down_proj"]
+
+
+class Interrupt(BaseException):
+    """Stands in for KeyboardInterrupt or a signal handler's exception: not an Exception,
+    so no `except Exception` in the code under test can swallow it."""
+
+
+def chunk_of(name: str, i: int) -> torch.Tensor:
+    """Chunk i of input `name`: a function of (input, i) only, so a resumed writer rewrites
+    exactly what an uninterrupted one would have."""
+    return random_bits(CT, N, "bfloat16", seed=1000 * NAMES.index(name) + i)
+
+
+def commit_next(s, during=contextlib.nullcontext) -> None:
+    """What a capture does per step: one new chunk of every input, then one commit, the
+    commit alone inside the context `during()`."""
+    crcs = {}
+    for name in NAMES:
+        info = s.create_input(name, N, [name])
+        crcs[name] = info.chunk_crc32 + [s.write_chunk(name, info.num_chunks, chunk_of(name, info.num_chunks))]
+    k = len(crcs[NAMES[0]])
+    with during():
+        s.commit(k, {name: (k * CT, c) for name, c in crcs.items()})
+
+
+@contextlib.contextmanager
+def traced(trace: Callable):
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+
+
+def assert_interrupt(exc: BaseException) -> None:
+    """`exc` is our Interrupt; raised inside an h5py callback (attribute iteration) it comes
+    out as a SystemError caused by it, with a real signal as with a trace function.
+
+    That SystemError leaves h5py's global lock held by this thread. A capture exits after
+    an interrupt; this process goes on, and h5py calls from other threads (capture's
+    writers, in a later test) would wait for the lock forever: release it."""
+    from h5py._objects import phil
+
+    cause = exc  # or any exception Python's own locks raise while it unwinds (threading)
+    while cause is not None and not isinstance(cause, Interrupt):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        raise exc
+    while phil._is_owned():
+        phil.release()
+
+
+def check_resumable(path: Path, start: int = 0) -> int:
+    """Reopen after an interruption as a resumed capture does: the store opens, rollback
+    works, inputs agree with the root record and every committed chunk from `start` on
+    reads back as written. Returns the committed chunk count."""
+    with open_store(path, "r+") as s:
+        s.rollback()
+        capture = s.attrs["capture"]
+        counts = set()
+        for name in s.inputs:
+            info = s.input(name)
+            assert info.tokens == capture.get("tokens", {}).get(name, 0) == info.num_chunks * CT
+            assert s._rows(name) == info.tokens
+            for i, chunk in enumerate(s.iter_chunks(name, start), start):
+                assert torch.equal(bits(chunk), bits(chunk_of(name, i))), (name, i)
+            counts.add(info.num_chunks)
+        assert len(counts) <= 1 and capture["samples_done"] == max(counts, default=0)
+        return max(counts, default=0)
+
+
+def interrupt_at_line(k: int, watched) -> Callable:
+    """A trace function raising Interrupt at the k-th line executed in the functions for
+    which `watched(code)` is true: an exception at every point a signal handler could
+    run there. Compiled code (HDF5, zlib) runs whole between two lines, as it does for a
+    real signal."""
+    seen = 0
+
+    def local(frame, event, arg):
+        nonlocal seen
+        if event == "line":
+            seen += 1
+            if seen == k:
+                raise Interrupt(f"line {k}: {frame.f_code.co_filename}:{frame.f_lineno}")
+        return local
+
+    def call(frame, event, arg):
+        return local if watched(frame.f_code) else None
+
+    return call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_commit_interrupted_at_any_line_leaves_a_resumable_store(tmp_path, backend):
+    """Interrupt the k-th line of a commit for k = 1, 2, ... until a commit runs through,
+    each time on a copy of the same store: after each, the store opens, rolls back to a
+    consistent state, the commit happened entirely or not at all, and resuming continues.
+    Found that h5py replaces an attribute by deleting and recreating it, so an interrupt in
+    between lost `committed_tokens` (or the root `capture` record)."""
+    import h5py._hl.attrs
+
+    from coala_stream.store import base, hdf5_store, zarr_store
+
+    ours = (base.__file__, hdf5_store.__file__, zarr_store.__file__)
+    # h5py's Python layer where it changes attributes (its readers cannot lose anything)
+    h5py_writes = {"create", "modify", "__setitem__", "__delitem__"}
+
+    def watched(code) -> bool:
+        return code.co_filename in ours or (code.co_filename == h5py._hl.attrs.__file__
+                                            and code.co_name in h5py_writes)
+
+    template, path = store_path(tmp_path, backend, "template"), store_path(tmp_path, backend)
+    with new_store(template, backend) as s:
+        commit_next(s)
+    copy = shutil.copytree if backend == "zarr" else shutil.copy
+    outcomes = set()
+    for k in itertools.count(1):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        copy(template, path)
+        with open_store(path, "r+") as s:
+            try:
+                commit_next(s, lambda: traced(interrupt_at_line(k, watched)))
+            except (Interrupt, Exception) as exc:
+                assert_interrupt(exc)
+            else:
+                break
+        outcomes.add(check_resumable(path))  # 1: not committed, 2: committed
+        with open_store(path, "r+") as s:
+            commit_next(s)
+        assert check_resumable(path) in (2, 3)
+    assert outcomes == {1, 2} and k > 20  # the sweep went through the commit, past its commit point
+    assert check_resumable(path) == 2
+
+
+# zarr: a handler that raises inside zarr's synchronous wrapper of an async attribute write
+# can leave an input's committed_tokens behind the root record (seen about 1 run in 4 once
+# the timers landed inside steps): a known defect, noted on issue 15. Capture itself never
+# raises from a signal handler (signals.py only sets a flag), so no capture meets it.
+RANDOM_SIGNAL_BACKENDS = [pytest.param("zarr", marks=pytest.mark.xfail(
+    strict=False, reason="zarr attribute write interrupted by a raising handler")), "hdf5"]
+
+
+# Python prints and ignores a signal that lands in a weakref callback, and one landing in
+# zarr's sync wrapper leaves its coroutine unawaited: warnings, not failures
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+@pytest.mark.parametrize("backend", RANDOM_SIGNAL_BACKENDS)
+def test_signals_at_random_moments_never_break_the_store(tmp_path, backend):
+    """SIGALRM at random moments of write and commit (a real signal, the handler raising
+    as the default SIGINT handler does): the store always resumes with consistent data."""
+    def handler(signum, frame):
+        raise Interrupt("SIGALRM")
+
+    rng = random.Random(0)
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend) as s:
+        commit_next(s)  # the first step is slow (imports, caches): not a measure of the others
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            commit_next(s)
+            times.append(time.perf_counter() - t0)
+    # timers up to twice a step, so that about half the signals land inside one; the
+    # estimate follows the uninterrupted steps, as the machine's load changes
+    step = sorted(times)[2]
+    old = signal.signal(signal.SIGALRM, handler)
+    interrupted, done = 0, 6
+    try:
+        for _ in range(150):
+            s = open_store(path, "r+")
+            try:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 2 * step))
+                t0 = time.perf_counter()
+                commit_next(s)
+                step = 0.8 * step + 0.2 * (time.perf_counter() - t0)
+            except (Interrupt, Exception) as exc:
+                assert_interrupt(exc)
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                s.close()
+            now = check_resumable(path, start=max(0, done - 1))  # what a commit could touch
+            assert now in (done, done + 1)
+            done = now
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert interrupted >= 20 and done >= 20  # both happened: the test exercised something
+    assert check_resumable(path) == done
+
+
+# -- a commit costs the new chunks, not all of them (defect 6 of issue 15) ----------------
+class CommitSpy:
+    """Records, while `active`, every call of the wrapped functions as (what, bytes): the
+    writes of checksums, attributes and data, and every file-system lookup or listing."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.active, self.log = monkeypatch, False, Counter()
+
+    def wrap(self, owner, attr: str, size=lambda *a, **k: 0) -> None:
+        inner, spy, what = getattr(owner, attr), self, f"{getattr(owner, '__name__', owner)}.{attr}"
+
+        if inspect.iscoroutinefunction(inner):
+            async def wrapper(*args, **kwargs):
+                spy.record(what, size(*args, **kwargs))
+                return await inner(*args, **kwargs)
+        else:
+            def wrapper(*args, **kwargs):
+                spy.record(what, size(*args, **kwargs))
+                return inner(*args, **kwargs)
+        self.monkeypatch.setattr(owner, attr, wrapper)
+
+    def record(self, what: str, nbytes: int) -> None:
+        if self.active:
+            self.log[what, "calls"] += 1
+            self.log[what, "bytes"] += nbytes
+
+    @contextlib.contextmanager
+    def active_log(self):
+        self.log, self.active = Counter(), True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def commit(self, s) -> Counter:
+        """One step of `commit_next`; what its commit alone did."""
+        commit_next(s, self.active_log)
+        return self.log
+
+
+def watch_store_io(spy: CommitSpy, backend: str, attribute_writes: tuple, resizes: bool) -> None:
+    """Wrap what a store does on disk: file-system lookups and listings, checksum writes, and
+    the backend's data and attribute writes (and array resizes, when asked)."""
+    for fn in ("scandir", "listdir", "walk", "stat", "lstat"):
+        spy.wrap(os, fn)
+    spy.wrap(os, "pwrite", lambda fd, data, offset: len(data))
+    if backend == "zarr":
+        spy.wrap(zarr.storage.LocalStore, "set", lambda self, key, value, *a, **k: len(value.to_bytes()))
+        return
+    spy.wrap(h5py.Dataset, "__setitem__", lambda self, key, value: np.asarray(value).nbytes)
+    if resizes:
+        spy.wrap(h5py.Dataset, "resize")
+    for fn in attribute_writes:
+        spy.wrap(h5py.AttributeManager, fn, lambda self, name, value, *a, **k: len(str(value)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commit_cost_does_not_grow_with_the_chunks_already_committed(tmp_path, backend, monkeypatch):
+    """Count what a commit writes and looks up, without timing: commit 99 does exactly what
+    commit 13 does (both numbers are chosen so that the counters in the JSON records have
+    as many digits: 13 and 99 samples, 104 and 792 tokens), and its checksum writes are 4
+    bytes per new chunk. Before format 2 a commit rewrote every input's whole checksum list."""
+    spy = CommitSpy(monkeypatch)
+    watch_store_io(spy, backend, attribute_writes=("modify", "__setitem__"), resizes=True)
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend) as s:
+        logs = [spy.commit(s) for _ in range(99)]
+    assert logs[12] == logs[98] and logs[98]
+    crc_writes = "os.pwrite" if backend == "zarr" else "Dataset.__setitem__"
+    assert logs[98][crc_writes, "bytes"] == 4 * len(NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capture_writer_per_commit_work_does_not_grow(tmp_path, backend, monkeypatch):
+    """The same count through capture's writer threads (`capture.ChunkWriter`, two of them),
+    which also keep the store's size on disk: per chunk set and commit, set 97 writes and
+    looks up exactly what set 13 does (the writer once walked every chunk file per commit).
+    A commit is a barrier: between two commits, the writers write one set."""
+    from coala_stream.capture import ChunkWriter
+
+    events: list[tuple[str, int]] = []
+    spy = CommitSpy(monkeypatch)
+    spy.active, spy.record = True, lambda what, nbytes: events.append((what, nbytes))
+    watch_store_io(spy, backend, attribute_writes=("modify",), resizes=False)
+    path = store_path(tmp_path, backend)
+    with new_store(path, backend) as s:
+        for name in NAMES:
+            s.create_input(name, N, [name])
+        chunks = {name: chunk_of(name, 0) for name in NAMES}  # the same bytes every set
+        spy.wrap(s, "commit")
+        w = ChunkWriter(s, {name: [] for name in NAMES}, {name: N for name in NAMES}, 2, writers=2)
+        for k in range(99):
+            for name in NAMES:
+                w.put(("chunk", name, k, chunks[name]))
+            w.put(("commit", k + 1, (k + 1) * CT, False))
+        w.close()
+        assert s.input(NAMES[0]).num_chunks == 99
+    sets, current = [], Counter()
+    for what, nbytes in events:
+        current[what, "calls"] += 1
+        current[what, "bytes"] += nbytes
+        if what.endswith(".commit"):
+            sets.append(current)
+            current = Counter()
+    # sets[k]: commit k's writes, then set k + 1's chunks. Commits 13 and 97: counters of
+    # as many digits (13 / 97 samples, 104 / 776 tokens), chunks 13 and 97 at the same place
+    # in their shards (arrays grow a shard of 4 chunks at a time)
+    assert len(sets) == 99 and sets[13] == sets[97]

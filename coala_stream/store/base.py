@@ -52,6 +52,11 @@ class Store(ABC):
     def reduce_dir(self) -> Path:
         """Where reduce writes `<name>.safetensors` (not a node of the store)."""
 
+    @property
+    @abstractmethod
+    def applied_dir(self) -> Path:
+        """Where a propagating capture keeps the factors it applied (`coala_stream.applied`)."""
+
     @abstractmethod
     def _root_attrs(self) -> dict: ...
     @abstractmethod
@@ -165,6 +170,8 @@ class Store(ABC):
             chunk_tokens=ct,
             num_chunks=len(crcs),
             chunk_crc32=crcs,
+            pair=bool(a.get("pair", False)),
+            dropped=int(a.get("dropped_chunks", 0)),
         )
         if self.writable:
             self._committed[name] = info
@@ -192,6 +199,10 @@ class Store(ABC):
             )
         start, stop = info.chunk_rows(i)
         where = f"input {info.name!r} chunk {i} (rows {start}:{stop}) of {self.path}"
+        if i < info.dropped:
+            raise StoreError(f"{where} was deleted after reduce folded it (capture "
+                             f"--drop-activations): its reduce result is all that is left; "
+                             f"recapture to fold it again")
         try:
             a = self._read_rows(info.name, start, stop)
         except MemoryError:
@@ -236,31 +247,56 @@ class Store(ABC):
                 f"{fmt.FORMAT_VERSION}: finish that capture with the older version, or recapture "
                 "with --overwrite")
 
-    def create_input(self, name: str, n: int, consumers: Sequence[str]) -> InputInfo:
+    def create_input(self, name: str, n: int, consumers: Sequence[str],
+                     pair: bool = False) -> InputInfo:
         """Add an empty (0 x n) input read by `consumers`; returns it unchanged if it exists alike.
 
-        Idempotent so that a resumed capture can call it again; StoreError if an input of
-        that name exists with another n or consumers.
+        ``pair``: the rows are [Xh | X] (n = 2 x the consumers' input features), see
+        `InputInfo.pair`. Idempotent so that a resumed capture can call it again; StoreError
+        if an input of that name exists with another n, consumers or pairing.
         """
         self._need_writable("create_input")
         consumers = [str(c) for c in consumers]
         if not name or "/" in name or name.startswith("__") or name in (".", ".."):
             raise UsageError(f"input name {name!r} is not usable as a store node: use the module path")
+        if pair and n % 2:
+            raise UsageError(f"input {name!r}: a pair input holds [Xh | X], so n must be even, got {n}")
         if name in self._input_names():
             info = self.input(name)
-            if info.n != n or info.consumers != consumers:
+            if info.n != n or info.consumers != consumers or info.pair != bool(pair):
                 raise StoreError(
-                    f"input {name!r} exists with n={info.n}, consumers={info.consumers}; asked for "
-                    f"n={n}, consumers={consumers}: the store was captured from another model or "
+                    f"input {name!r} exists with n={info.n}, consumers={info.consumers}, "
+                    f"pair={info.pair}; asked for n={n}, consumers={consumers}, pair={bool(pair)}: "
+                    "the store was captured from another model or "
                     "settings; capture again with --overwrite"
                 )
             return info
         dtype = self._root_attrs()["dtype"]
         self._new_array(name, int(n), {
             "consumers": consumers, "logical_dtype": dtype, "order": len(self._input_names()),
-            "committed_tokens": 0,
+            "committed_tokens": 0, **({"pair": True} if pair else {}),
         })
         return self.input(name)
+
+    def drop_activations(self, name: str) -> int:
+        """Delete the data of input ``name``'s committed chunks, keeping their checksums and
+        commit record (what reduce results are matched against); returns the chunks dropped.
+
+        The record (``dropped_chunks``) is written first, so a kill between the two leaves
+        chunks that read as dropped, never dropped chunks that read as data. Chunks
+        committed later are kept. StoreError where the backend cannot free the space.
+        """
+        self._need_writable("drop_activations")
+        info = self.input(name)
+        self._set_input_attrs(name, {"dropped_chunks": info.num_chunks})
+        self._delete_chunks(name, info.num_chunks)
+        self._committed.pop(name, None)
+        return info.num_chunks
+
+    def _delete_chunks(self, name: str, count: int) -> None:
+        """Free the space of chunks [0, count) of ``name``."""
+        raise StoreError(f"{self.path}: the {self.backend} backend cannot free the space of single "
+                         f"chunks; use a zarr store")
 
     def write_chunk(self, name: str, index: int, tensor: torch.Tensor) -> int:
         """Write chunk `index` (rows x n, logical dtype, 0 < rows <= chunk_tokens) of `name`.
@@ -336,15 +372,19 @@ class Store(ABC):
 
     def _check_commit(self, name: str, tokens: int, crcs: Sequence[int], complete: bool):
         info = self.input(name)
-        crcs = [int(c) & 0xFFFFFFFF for c in crcs]
-        ct = info.chunk_tokens
+        ct, k = info.chunk_tokens, info.num_chunks
+        crcs = crcs if isinstance(crcs, list) else list(crcs)  # a tuple or array compares unlike
         if len(crcs) != fmt.num_chunks(tokens, ct) or (tokens % ct and not complete):
             raise UsageError(
                 f"commit of input {name!r}: {tokens} tokens need {fmt.num_chunks(tokens, ct)} crc32s "
                 f"(got {len(crcs)}) and whole chunks of {ct} rows unless the capture is complete"
             )
-        # the committed prefix is compared in memory (the writer's copy): no disk read
-        if tokens < info.tokens or crcs[: info.num_chunks] != info.chunk_crc32:
+        # The committed prefix is compared in memory (the writer's copy, no disk read), as it
+        # comes: the writer passes back the ints it was given, so one list compare in C does,
+        # and only the new checksums go through Python (a commit's work is its new chunks').
+        prefix = crcs[:k]
+        if tokens < info.tokens or (prefix != info.chunk_crc32
+                                    and [int(c) & 0xFFFFFFFF for c in prefix] != info.chunk_crc32):
             raise StoreError(
                 f"commit of input {name!r} would change its {info.num_chunks} committed chunks; "
                 "committed data never changes: resume after the last committed chunk"
@@ -354,7 +394,7 @@ class Store(ABC):
                 f"commit of input {name!r}: {tokens} tokens committed but only {self._rows(name)} rows "
                 "written; write the chunks before committing them"
             )
-        return tokens, crcs
+        return tokens, info.chunk_crc32 + [int(c) & 0xFFFFFFFF for c in crcs[k:]]
 
     def rollback(self) -> dict:
         """Undo what a killed capture left uncommitted; run on resume before writing.

@@ -96,6 +96,16 @@ class InputInfo:
     chunk_tokens: int
     num_chunks: int
     chunk_crc32: list[int] = field(repr=False)
+    # A pair input (issue 17's output objective) stores [Xh | X] side by side: the layer's
+    # inputs in the compressed model, then the same tokens' inputs in the original model.
+    pair: bool = False
+    # chunks [0, dropped) were deleted after reduce had folded them (capture --drop-activations)
+    dropped: int = 0
+
+    @property
+    def features(self) -> int:
+        """Input features of the consumers (n, or n / 2 for a pair input)."""
+        return self.n // 2 if self.pair else self.n
 
     def chunk_rows(self, i: int) -> tuple[int, int]:
         """Row range [start, stop) of committed chunk i."""

@@ -132,7 +132,7 @@ def _root_attrs(attrs: dict, shard_chunks: int) -> dict:
 
 
 def remove_store(path: Path) -> None:
-    """Delete a store (and an HDF5 store's reduce directory); refuse anything else."""
+    """Delete a store (and an HDF5 store's reduce and applied directories); refuse anything else."""
     backend = detect_backend(path)
     empty_dir = path.is_dir() and not any(path.iterdir())
     if backend is None and not empty_dir:
@@ -142,6 +142,7 @@ def remove_store(path: Path) -> None:
         )
     if backend == "hdf5":
         _remove_path(path.with_name(path.name + ".reduce"))
+        _remove_path(path.with_name(path.name + ".applied"))
     _remove_path(path)
 
 

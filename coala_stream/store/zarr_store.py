@@ -51,6 +51,10 @@ class ZarrStore(Store):
     def reduce_dir(self) -> Path:
         return self.path / "reduce"
 
+    @property
+    def applied_dir(self) -> Path:
+        return self.path / "applied"
+
     # A read-only store re-reads metadata on every call, so it can follow a capture
     # still writing; the writer is the only writer and keeps its objects.
     def _group(self) -> zarr.Group:
@@ -183,6 +187,11 @@ class ZarrStore(Store):
         except FileNotFoundError:
             size = 0
         return (name, shard), size
+
+    def _delete_chunks(self, name: str, count: int) -> None:
+        per_shard = int(self._root.attrs.get("shard_chunks", 1))
+        for shard in range(count // per_shard):  # whole shards only: a shard file is one unit
+            (self.path / "inputs" / name / "c" / str(shard) / "0").unlink(missing_ok=True)
 
     def _remove_partials(self) -> int:
         # Only zarr's own temporaries: the root's and those under inputs/. reduce/ is
