@@ -230,19 +230,31 @@ def output_factors(
     return (A, B, S) if return_singular_values else (A, B)
 
 
-def output_error(
-    W: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    R_full: torch.Tensor,
-    alpha: float,
-    mu: float = 0.0,
-) -> float:
+def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R_full: torch.Tensor,
+                 alpha: float, mu: float = 0.0) -> float:
     """||T W^T - Xh (A B)^T||_F^2 + mu ||W - A B||_F^2, from R alone, in float64.
 
     = ||R12' W^T - R11 (A B)^T||^2 + ||R22' W^T||^2 (+ the mu rows, folded in
     by ``regularize_pair``). Costs O(k n (m + r)) flops.
     """
+    return _output_error(W, A, B, R_full, alpha, mu)[0]
+
+
+def relative_output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R_full: torch.Tensor,
+                          alpha: float, mu: float = 0.0) -> float:
+    """``output_error`` divided by ||T W^T||_F^2 + mu ||W||_F^2 (0 when both are 0)."""
+    err, Rt = _output_error(W, A, B, R_full, alpha, mu)
+    n = W.shape[1]
+    total = float(torch.linalg.norm(Rt[:, n:] @ W.to(torch.float64).T) ** 2)
+    return err / total if total > 0 else 0.0
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _output_error(W, A, B, R_full, alpha, mu) -> tuple[float, torch.Tensor]:
+    """(``output_error``, the float64 target factor it used): the relative error divides by
+    a norm of that same factor, so it is prepared (mu folded in, the target mixed) once."""
     check_matrix("W", W)
     check_matrix("A", A)
     check_matrix("B", B)
@@ -257,26 +269,7 @@ def output_error(
     Wd, Ad, Bd = W.to(F64), A.to(device=W.device, dtype=F64), B.to(device=W.device, dtype=F64)
     R11, R12t, R22t = Rt[:n, :n], Rt[:n, n:], Rt[n:, n:]
     D = R12t @ Wd.T - (R11 @ Bd.T) @ Ad.T
-    return float(torch.linalg.norm(D) ** 2 + torch.linalg.norm(R22t @ Wd.T) ** 2)
-
-
-def relative_output_error(
-    W: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    R_full: torch.Tensor,
-    alpha: float,
-    mu: float = 0.0,
-) -> float:
-    """``output_error`` divided by ||T W^T||_F^2 + mu ||W||_F^2 (0 when both are 0)."""
-    err = output_error(W, A, B, R_full, alpha, mu)
-    n = W.shape[1]
-    Rt = _prepared_target(W, R_full, alpha, mu, torch.float64)
-    total = float(torch.linalg.norm(Rt[:, n:] @ W.to(torch.float64).T) ** 2)
-    return err / total if total > 0 else 0.0
-
-
-# -- helpers -----------------------------------------------------------------
+    return float(torch.linalg.norm(D) ** 2 + torch.linalg.norm(R22t @ Wd.T) ** 2), Rt
 
 
 def _solve_parts(W, R_full, alpha, mu, rtol):

@@ -3,7 +3,7 @@
 Invariants: the dense checkpoint is vanilla and holds A B; the factorized model
 gives the dense model's logits; the PEFT adapter reproduces the original
 model; parameter counts follow the ratio; global allocation meets the budget
-and never loses to uniform on the summed normalised error; COALA's layer error
+and the allocation's errors are those of the spectra; COALA's layer error
 is never above SVD-LLM's on the same store and strictly below where the inputs
 are ill-conditioned; errors leave nothing behind.
 """
@@ -25,14 +25,17 @@ from coala_stream import export
 from coala_stream.checkpoint import load_state, save_state
 from coala_stream.cli import main
 from coala_stream.errors import CheckpointMismatch, StoreError, UsageError
-from coala_stream.linalg import coala_factors, fold_r, rank_for_ratio
+from coala_stream.linalg import coala_factors, coala_svd, fold_r, rank_for_ratio
 from coala_stream.solve import (
+    Layer,
     SolveConfig,
     allocate_global,
+    choose_ranks,
     normalised_tail,
     run_solve,
     solve_layer,
     total_normalised_error,
+    uniform_ranks,
 )
 from coala_stream.reduce import ReducedInput, read_result, result_path
 from coala_stream.store import open_store
@@ -151,18 +154,99 @@ def test_peft_adapter_reproduces_the_original_logits(base, formats):
         torch.testing.assert_close(gram_b, gram_a, rtol=1e-4, atol=1e-5 * gram_a.diagonal().max().item())
 
 
-def test_global_allocation_meets_the_budget_and_never_loses_to_uniform(store, tmp_path):
+def test_global_allocation_report_is_recomputed_from_the_spectra(base, store, tmp_path):
+    """Every number of the allocation summary, recomputed here from W R^T's spectra (the
+    source weights, the reduced R): the budget is uniform's, the greedy ranks are
+    allocate_global's, both errors are the spectra's tails, and the label and the ranks
+    written follow the comparison of the two."""
     report = solve(store, tmp_path / "g", ratio=0.3, allocate="global", format="dense")
-    a = report["allocation"]
-    assert a["requested"] == "global" and a["spent"] <= a["budget"]
-    assert a["total_normalised_error"] <= a["uniform_total_normalised_error"]
-    costs = [m + n for m, n in (r["shape"] for r in report["layers"])]
+    a, rows = report["allocation"], report["layers"]
+    weights = load_file(base / "model.safetensors")
+    with open_store(store) as s:
+        input_of = {c: name for name in s.inputs for c in s.input(name).consumers}
+        spectra = [coala_svd(weights[f"{r['module']}.weight"], read_result(s, input_of[r["module"]]).R)[1]
+                   for r in rows]
+    shapes = [tuple(r["shape"]) for r in rows]
+    costs = [m + n for m, n in shapes]
+    uniform = [rank_for_ratio(m, n, 0.3) for m, n in shapes]  # every one saves parameters at 0.3
+    budget = sum(u * c for u, c in zip(uniform, costs))
+    greedy = allocate_global(spectra, shapes, budget, [math.ceil(m * n / (m + n)) - 1 for m, n in shapes])
+    err_u, err_g = total_normalised_error(spectra, uniform), total_normalised_error(spectra, greedy)
+    assert (a["requested"], a["budget"]) == ("global", budget)
+    assert a["uniform_total_normalised_error"] == pytest.approx(err_u, rel=1e-6)
+    assert a["global_total_normalised_error"] == pytest.approx(err_g, rel=1e-6)
+    assert a["allocate"] == ("global" if err_g < err_u else "uniform")
+    chosen = greedy if a["allocate"] == "global" else uniform
+    assert [r["rank"] for r in rows] == chosen
+    assert a["total_normalised_error"] == pytest.approx(total_normalised_error(spectra, chosen), rel=1e-6)
+    assert a["spent"] == sum(r * c for r, c in zip(chosen, costs)) <= budget
     if a["allocate"] == "global":
         assert a["budget"] - a["spent"] < min(costs)
-        assert sum(r["rank"] * c for r, c in zip(report["layers"], costs)) == a["spent"]
-    # measured on the data, the global ranks' errors are the optimal ones (COALA, mu = 0)
-    measured = sum(r["rel_error"] ** 2 for r in report["layers"])
+    # measured on the data, the chosen ranks' errors are the optimal ones (COALA, mu = 0)
+    measured = sum(r["rel_error"] ** 2 for r in rows)
     assert measured == pytest.approx(a["total_normalised_error"], rel=1e-3)
+
+
+# Hand-built spectra with known optima. Normalised gains (S_r^2 / sum S^2) of raising a rank:
+FLAT = torch.ones(8, dtype=torch.float64)  # 1/8 for every step
+HALVING = 0.5 ** torch.arange(8, dtype=torch.float64)  # 0.1875, 0.047, ... (S^2 quarters)
+STEEP = 1e-3 ** torch.arange(8, dtype=torch.float64)  # ~1e-6, then nothing
+
+
+def test_allocate_global_gives_the_known_optimal_ranks():
+    # equal costs: from rank 1 each, three more steps go to the largest gains: HALVING's
+    # 0.1875, then FLAT's 0.125 twice (HALVING's next is 0.047, STEEP's 1e-6)
+    assert allocate_global([FLAT, HALVING, STEEP], [(8, 8)] * 3, 6 * 16, [8] * 3) == [3, 2, 1]
+    # cost decides: HALVING's step gains more (0.1875) but costs 32 parameters (24 x 8), so
+    # two of FLAT's (0.25 for the same 32) win, and nothing is left for a third step
+    assert allocate_global([FLAT, HALVING], [(8, 8), (24, 8)], 48 + 32, [8, 8]) == [3, 1]
+    # the caps bind: FLAT may not pass rank 2, so HALVING takes the rest
+    assert allocate_global([FLAT, HALVING], [(8, 8), (8, 8)], 5 * 16, [2, 8]) == [2, 3]
+
+
+class FakeWeights:
+    def __init__(self, spectra):
+        self.W = {f"l{i}.weight": torch.diag(S).float() for i, S in enumerate(spectra)}
+
+    def get(self, name):
+        return self.W[name]
+
+
+class IdentityR:
+    """A reduced store whose R is the identity: W R^T = W, so the spectra are W's."""
+
+    device = torch.device("cpu")
+
+    def get(self, name):
+        return ReducedInput(name=name, R=torch.eye(8), abs_sum=torch.ones(8, dtype=torch.float64), gram=None,
+                            tokens=8, complete=True, meta={})
+
+
+def choose(spectra):
+    layers = [Layer(name=f"l{i}", input=f"l{i}", m=8, n=8) for i in range(len(spectra))]
+    config = SolveConfig(out="unused", ratio=0.5, allocate="global", format="dense")
+    uniform = uniform_ranks(layers, config)
+    summary = choose_ranks(layers, uniform, config, FakeWeights(spectra), IdentityR(), progress=False)
+    return summary, uniform, [layer.rank for layer in layers]
+
+
+def test_global_is_chosen_where_it_is_strictly_better_and_uniform_otherwise():
+    spectra = [FLAT, HALVING, STEEP]
+    summary, uniform, ranks = choose(spectra)
+    # ratio 0.5 of 8 x 8: rank 2 each, 96 parameters; caps ceil(64 / 16) - 1 = 3
+    assert uniform == [2, 2, 2] and ranks == [3, 2, 1]
+    tails = [5 / 8, float(HALVING[2:].square().sum() / HALVING.square().sum()),
+             float(STEEP[1:].square().sum() / STEEP.square().sum())]
+    assert summary["allocate"] == "global" and summary["spent"] == summary["budget"] == 96
+    assert summary["global_total_normalised_error"] == pytest.approx(sum(tails), rel=1e-6)
+    assert summary["total_normalised_error"] == pytest.approx(total_normalised_error(spectra, ranks), rel=1e-6)
+    assert summary["uniform_total_normalised_error"] == pytest.approx(
+        6 / 8 + tails[1] + float(STEEP[2:].square().sum() / STEEP.square().sum()), rel=1e-6)
+    assert summary["total_normalised_error"] < summary["uniform_total_normalised_error"] - 0.1
+    # three flat spectra: every split of the budget errs the same, and a tie keeps uniform
+    summary, uniform, ranks = choose([FLAT] * 3)
+    assert summary["allocate"] == "uniform" and ranks == uniform == [2, 2, 2]
+    assert summary["global_total_normalised_error"] == summary["uniform_total_normalised_error"] == 3 * 6 / 8
 
 
 def _spectrum(k, seed):

@@ -8,13 +8,15 @@
 """
 
 from .allocate import allocate_global, choose_ranks, total_normalised_error, uniform_ranks
-from .config import ALLOCATIONS, FORMATS, METHODS, SolveConfig
-from .layer import FACTORIZERS, Layer, cond_estimate, normalised_tail, relative_error, solve_layer
+from .config import ALLOCATIONS, DEFAULT_ALPHA, FORMATS, METHODS, OBJECTIVES, SolveConfig
+from .layer import (FACTORIZERS, OUTPUT_FACTORIZERS, Layer, cond_estimate, input_view,
+                    layer_spectrum, normalised_tail, relative_error, solve_layer)
 from .report import build_report, format_table
-from .run import check_capture_complete, check_reduced, factor_layers, plan_layers, run_solve
+from .run import (allocate_ranks, check_capture_complete, check_reduced, factor_layers, plan_layers,
+                  resolve_objective, run_solve, view_for)
 
 __all__ = ["allocate_global", "choose_ranks", "total_normalised_error", "uniform_ranks",
-           "ALLOCATIONS", "FORMATS", "METHODS", "SolveConfig", "FACTORIZERS", "Layer",
+           "ALLOCATIONS", "DEFAULT_ALPHA", "FORMATS", "METHODS", "OBJECTIVES", "SolveConfig", "FACTORIZERS", "OUTPUT_FACTORIZERS", "Layer", "input_view", "layer_spectrum",
            "cond_estimate", "normalised_tail", "relative_error", "solve_layer", "build_report",
-           "format_table", "check_capture_complete", "check_reduced", "factor_layers",
-           "plan_layers", "run_solve"]
+           "format_table", "allocate_ranks", "check_capture_complete", "check_reduced", "factor_layers",
+           "plan_layers", "resolve_objective", "run_solve", "view_for"]

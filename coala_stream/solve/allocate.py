@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UsageError
-from ..linalg import coala_svd, rank_for_ratio, tail_energy
-from .layer import Layer, normalised_tail
+from ..linalg import rank_for_ratio, tail_energy
+from .layer import Layer, layer_spectrum, normalised_tail
+
+if TYPE_CHECKING:
+    from .config import SolveConfig
 
 
 def total_normalised_error(spectra: list[torch.Tensor], ranks: list[int]) -> float:
@@ -77,11 +81,11 @@ def choose_ranks(layers, uniform, config, source, reader, progress) -> dict:
         layer.rank = r
     if config.allocate == "uniform":
         return {"allocate": "uniform"}
-    from tqdm.auto import tqdm
+    from ..progress import track
 
-    for layer in tqdm(layers, desc="spectra", unit="layer", disable=None if progress else True):
+    for layer in track(layers, "solve: spectra", "layer", enabled=progress):
         W = source.get(f"{layer.name}.weight").to(reader.device)
-        layer.spectrum = coala_svd(W, reader.get(layer.input).R)[1].cpu()
+        layer.spectrum = layer_spectrum(W, reader.get(layer.input), config).cpu()
     spectra = [layer.spectrum for layer in layers]
     peft = config.format == "peft"
     # keeping a layer dense is what uniform does when its rank saves nothing; count it so

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from ..devices import resolve_device
 from ..errors import UsageError
 
-METHODS = ("coala", "svd", "svdllm", "asvd")  # `layer.FACTORIZERS` implements each
+METHODS = ("coala", "svd", "svdllm", "asvd", "aasvd")  # `layer.FACTORIZERS` implements each
+OBJECTIVES = ("input", "output")
+# methods for the output objective (a pair store, [Xh | X]); the others fit the input objective
+OUTPUT_METHODS = ("coala", "aasvd")
+# alpha of the output objective when neither the user nor the store says: the mix measured
+# best on SmolLM2 (docs/benchmarks.md, "Quality")
+DEFAULT_ALPHA = 0.5
 ALLOCATIONS = ("uniform", "global")
 FORMATS = ("factorized", "dense", "peft")  # `export.WRITERS` writes each
 
@@ -28,7 +34,19 @@ class SolveConfig:
         "help": "name of the GGUF file inside MODEL, when MODEL is a directory", "metavar": "NAME"})
     method: str = field(default="coala", metadata={
         "help": "coala (W R^T SVD, Gram-free) | svd (weights only) | svdllm (Gram + Cholesky, "
-                "as SVD-LLM) | asvd (activation-scaled SVD)", "choices": METHODS})
+                "as SVD-LLM) | asvd (activation-scaled SVD) | aasvd (the output objective as "
+                "AA-SVD computes it: three float32 Gram blocks, Cholesky, inverse; a baseline for "
+                "--objective output)", "choices": METHODS})
+    objective: str | None = field(default=None, metadata={
+        "help": "input: minimise ||Xh (W - W')^T|| on the stored inputs Xh | output: minimise "
+                "||T W^T - Xh W'^T||, T = alpha X + (1 - alpha) Xh, with X the original model's "
+                "inputs (needs a store captured with --objective output, which holds [Xh | X]); "
+                "default: the objective the store was captured for (input for ordinary stores)",
+        "choices": OBJECTIVES})
+    alpha: float | None = field(default=None, metadata={
+        "help": "with --objective output: weight of the original inputs in the target, in [0, 1] "
+                "(1: match the original outputs, 0: the input objective on Xh); default: the "
+                "store's capture setting", "metavar": "A"})
     ratio: float | None = field(default=None, metadata={
         "help": "fraction of each compressed matrix's parameters to remove, in (0, 1) "
                 "(SVD-LLM convention: 0.2 keeps 80 percent; rank = floor((1-F) m n / (m + n)))",
@@ -56,8 +74,10 @@ class SolveConfig:
                                                      "metavar": "A"})
     device: str = field(default="cpu", metadata={"help": "where to compute: cpu, cuda or cuda:N"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: the CPUs this process may use, see the README's "
-                "'Threads')", "metavar": "N"})
+        "help": "torch CPU threads; default: the CPUs this process may use (affinity mask, "
+                "cgroup quota, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS) less the cores other "
+                "processes keep busy when the command starts, never more; see the README's "
+                "'Threads'", "metavar": "N"})
     allow_incomplete: bool = field(default=False, metadata={
         "help": "compress from a store whose capture is not finished (killed, still running, or "
                 "a sequential capture whose later blocks do not exist yet); recorded in the report"})
@@ -82,6 +102,20 @@ class SolveConfig:
             raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
         if not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu) and self.mu >= 0):
             raise UsageError(f"--mu must be a finite number >= 0, got {self.mu!r}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be input or output, got {self.objective!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and 0.0 <= self.alpha <= 1.0):
+            raise UsageError(f"--alpha must be a number in [0, 1], got {self.alpha!r}")
+        if self.alpha is not None and self.objective == "input":
+            raise UsageError("--alpha weighs the original outputs in --objective output; drop it "
+                             "or pass --objective output")
+        if self.method == "aasvd" and self.objective == "input":
+            raise UsageError("--method aasvd fits the output objective: pass --objective output "
+                             "(with a store captured with --objective output) or another --method")
+        if self.objective == "output" and self.method not in OUTPUT_METHODS:
+            raise UsageError(f"--objective output is solved by --method coala or aasvd, not "
+                             f"{self.method}; pass --objective input for {self.method}")
         if self.mu > 0 and self.method != "coala":
             raise UsageError(f"--mu applies to --method coala only (got --method {self.method})")
         if self.adaptive_mu and self.mu == 0:

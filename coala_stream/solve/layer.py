@@ -10,12 +10,18 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..baselines import NumericalFallbackWarning, asvd_factors, svd_factors, svdllm_factors
+from ..baselines import (NumericalFallbackWarning, aasvd_factors, asvd_factors, svd_factors,
+                         svdllm_factors)
 from ..errors import CoalaError
 from ..linalg import balance_factors, coala_factors, coala_svd, tail_energy
+from ..objective import output_factors, output_svd, relative_output_error
+
+if TYPE_CHECKING:
+    from .config import SolveConfig
 
 
 @dataclass
@@ -43,24 +49,69 @@ def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
                 spectrum: torch.Tensor | None = None) -> dict:
     """Factors of one layer: {"A", "B", "rel_error", "mu", "spectrum", "note", ...}.
 
-    ``reduced`` is the store's ReducedInput (R, abs_sum, gram, tokens). The
-    relative error is exact on the calibration data:
-    ``||(W - A B) R^T||_F / ||W R^T||_F``, computed in R's dtype (>= float32).
+    ``reduced`` is the store's ReducedInput (R, abs_sum, gram, tokens); for the output
+    objective (``config.objective == "output"``) that of the pair [Xh | X], otherwise
+    that of the layer's inputs (`input_view` of a pair). The relative error is exact on
+    the calibration data: ``||(W - A B) R^T||_F / ||W R^T||_F`` for the input objective,
+    ``||T W^T - Xh (A B)^T||_F / ||T W^T||_F`` for the output objective, computed in
+    R's dtype (>= float32; float64 for the output objective).
     """
     out: dict = {"mu": 0.0, "note": "", "spectrum": spectrum}
-    A, B = FACTORIZERS[config.method](W, reduced, rank, config, out)
+    output = config.objective == "output"
+    table = OUTPUT_FACTORIZERS if output else FACTORIZERS
+    A, B = table[config.method](W, reduced, rank, config, out)
     spectrum = out["spectrum"]
     R = reduced.R
     if config.format == "peft":
         A, B = balance_factors(A, B)  # LoRA trains best with sqrt(S) on each side, as PiSSA's
-    out.update(A=A, B=B, rel_error=relative_error(W, A, B, R), spectrum=spectrum)
+    if output:
+        err = relative_output_error(W, A, B, R, config.alpha, out["mu"]) ** 0.5
+    else:
+        err = relative_error(W, A, B, R)
+    out.update(A=A, B=B, rel_error=err, spectrum=spectrum)
     return out
+
+
+def known_factors(W: torch.Tensor, reduced, A: torch.Tensor, B: torch.Tensor,
+                  config: SolveConfig, note: str) -> dict:
+    """`solve_layer`'s result for factors computed elsewhere (a propagating capture's, possibly
+    refined): the same relative error and mu; no spectrum (the factors need not be optimal)."""
+    n = W.shape[1]
+    A, B = A.to(W.device), B.to(W.device)
+    mu = absolute_mu(config, reduced.R[:n, :n]) if config.method == "coala" else 0.0
+    if config.objective == "output":
+        err = relative_output_error(W, A, B, reduced.R, config.alpha, mu) ** 0.5
+    else:
+        err = relative_error(W, A, B, reduced.R)
+    if config.format == "peft":
+        A, B = balance_factors(A, B)
+    return {"A": A, "B": B, "rel_error": err, "mu": mu, "spectrum": None, "note": note}
+
+
+def input_view(reduced, n: int):
+    """The ReducedInput of Xh alone from that of the pair [Xh | X] (n features each).
+
+    R of [Xh | X] is [[R11, R12], [0, R22]] with R11 the R of Xh (the QR of the first
+    n columns does not see the others), so nothing is refolded: R11, the first n column
+    sums and the top-left Gram block are Xh's.
+    """
+    from dataclasses import replace
+
+    R = reduced.R[:n, :n]
+    return replace(reduced, R=R,
+                   abs_sum=None if reduced.abs_sum is None else reduced.abs_sum[:n],
+                   gram=None if reduced.gram is None else reduced.gram[:n, :n])
+
+
+def absolute_mu(config: SolveConfig, R: torch.Tensor) -> float:
+    """--mu is relative to the mean input energy: F * ||R||_F^2 / n (R of the layer's inputs)."""
+    return config.mu * float(R.double().square().sum()) / R.shape[1] if config.mu > 0 else 0.0
 
 
 def _coala(W, reduced, rank, config, out):
     R, mu = reduced.R, 0.0
     if config.mu > 0:
-        mu = config.mu * float(R.double().square().sum()) / R.shape[1]
+        mu = absolute_mu(config, R)
         if config.adaptive_mu:
             if out["spectrum"] is None:
                 out["spectrum"] = coala_svd(W, R)[1]
@@ -83,6 +134,13 @@ def _asvd(W, reduced, rank, config, out):
 
 
 def _svdllm(W, reduced, rank, config, out):
+    return _through_gram("svdllm", W, reduced, out, lambda gram: svdllm_factors(W, gram, rank))
+
+
+def _through_gram(method: str, W, reduced, out, factors):
+    """A Gram-based baseline as peers run it: the Gram matrix in float32 (stored by reduce
+    --with-gram, else formed from R), ``factors(gram)``; its damping fallbacks go to the
+    report's note, a failed Cholesky becomes a CoalaError naming the Gram-free method."""
     if reduced.gram is not None:
         gram, source = reduced.gram.to(W.device), "stored"
     else:  # as peers hold it: float32 (from R here, since reduce ran without --with-gram)
@@ -91,9 +149,9 @@ def _svdllm(W, reduced, rank, config, out):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NumericalFallbackWarning)
         try:
-            A, B = svdllm_factors(W, gram, rank)
+            A, B = factors(gram)
         except torch.linalg.LinAlgError as exc:
-            raise CoalaError(f"svdllm: {exc} (the Gram matrix is too ill-conditioned; "
+            raise CoalaError(f"{method}: {exc} (the Gram matrix is too ill-conditioned; "
                              f"--method coala needs no Cholesky)") from exc
     out["note"] = "; ".join(str(w.message) for w in caught
                             if issubclass(w.category, NumericalFallbackWarning))
@@ -111,9 +169,40 @@ def relative_error(W, A, B, R) -> float:
     return float(torch.linalg.norm((Wd - A.to(dtype) @ B.to(dtype)) @ Rd.T) / total)
 
 
+def _coala_output(W, reduced, rank, config, out):
+    """The output objective, Gram-free (`objective.output_factors`): one SVD of W R12'^T."""
+    n = W.shape[1]
+    mu = absolute_mu(config, reduced.R[:n, :n])
+    if config.adaptive_mu:
+        if out["spectrum"] is None:
+            out["spectrum"] = output_svd(W, reduced.R, config.alpha)[1]
+        mu *= normalised_tail(out["spectrum"], rank)
+    A, B, S = output_factors(W, reduced.R, rank, config.alpha, mu, return_singular_values=True)
+    if out["spectrum"] is None and mu == 0:
+        out["spectrum"] = S
+    out["mu"] = mu
+    return A, B
+
+
+def _aasvd(W, reduced, rank, config, out):
+    """AA-SVD as its authors compute it: float32 Gram blocks of [Xh | X], Cholesky, inverse."""
+    return _through_gram("aasvd", W, reduced, out,
+                         lambda gram: aasvd_factors(W, gram, rank, config.alpha))
+
+
+def layer_spectrum(W: torch.Tensor, reduced, config: SolveConfig) -> torch.Tensor:
+    """Singular values whose tail is the exact error of every rank (mu = 0), for allocation:
+    of W R^T (input objective), of W R12'^T (output objective, `objective.output_svd`)."""
+    if config.objective == "output":
+        return output_svd(W, reduced.R, config.alpha)[1]
+    return coala_svd(W, reduced.R)[1]
+
+
 # method name (`config.METHODS`) -> f(W, reduced, rank, config, out) -> (A, B); f may add
 # "mu", "note", "spectrum", "gram_source" to ``out`` (the report's row)
 FACTORIZERS = {"coala": _coala, "svd": _svd, "svdllm": _svdllm, "asvd": _asvd}
+# ... for the output objective (reduced is the pair's: R of [Xh | X])
+OUTPUT_FACTORIZERS = {"coala": _coala_output, "aasvd": _aasvd}
 
 
 def normalised_tail(S: torch.Tensor, rank: int) -> float:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._version import __version__
 from .layer import Layer, normalised_tail
+
+if TYPE_CHECKING:
+    from .config import SolveConfig
 
 
 def layer_row(layer: Layer, res: dict, cond, peft: bool) -> dict:
@@ -98,12 +102,20 @@ def propagate_notes(store, config: SolveConfig) -> list[str]:
     applied = (store.attrs.get("capture_settings") or {}).get("propagate")
     if not applied:
         return []
-    wanted = {"method": config.method, "ratio": config.ratio, "rank": config.rank, "mu": float(config.mu)}
+    wanted = {"method": config.method, "ratio": config.ratio, "rank": config.rank,
+              "mu": float(config.mu)}
+    if "objective" in applied:  # stores of older versions record only the four above
+        wanted.update(objective=config.objective, alpha=config.alpha)
     differ = [f"{k} {applied.get(k)} -> {v}" for k, v in wanted.items() if applied.get(k) != v]
-    if config.allocate != "uniform" or config.layers is not None:
-        differ.append("allocation/--layers other than capture's uniform, all-layer compression")
+    capture_allocation = "global" if applied.get("ranks") else "uniform"
+    if config.allocate != capture_allocation or config.layers is not None:
+        differ.append(f"allocation/--layers other than the capture's {capture_allocation}, "
+                      f"all-layer compression")
     if not differ:
         return []
-    return [f"the store was captured with --propagate for {applied}, so later blocks' activations "
+    shown = {k: v for k, v in applied.items() if k != "ranks"}
+    return [f"the store was captured with --propagate for {shown}, so later blocks' activations "
             f"assume that compression; this solve differs ({'; '.join(differ)}), so its layers "
-            f"are fitted to inputs they will not see exactly"]
+            f"are fitted to inputs they will not see exactly"
+            + ("; the capture's block refinement is not reproduced" if applied.get("refine_steps")
+               else "")]

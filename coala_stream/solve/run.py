@@ -18,11 +18,12 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .. import export, models
+from .. import applied, export, models
 from ..devices import resolve_device, torch_threads
 from ..errors import CheckpointMismatch, CoalaError, StoreError, UsageError
 from ..files import write_json
@@ -30,8 +31,8 @@ from ..reduce import read_result, result_path, result_state
 from ..store import open_store
 from ..weights import LazyWeights, open_weights
 from .allocate import choose_ranks, uniform_ranks
-from .config import SolveConfig
-from .layer import Layer, cond_estimate, solve_layer
+from .config import DEFAULT_ALPHA, SolveConfig
+from .layer import Layer, cond_estimate, input_view, known_factors, solve_layer
 from .report import build_report, config_section, dense_row, layer_row, propagate_notes
 
 
@@ -49,13 +50,7 @@ def run_solve(store_path, config: SolveConfig, progress: bool = True) -> dict:
     out = export.check_out_dir(config.out, config.overwrite)
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     with open_store(store_path) as store, torch_threads(config.threads):
-        spec = _model_spec(store, config)
-        model_config = models.load_config(spec)
-        _check_out_is_not_an_input(out, [Path(store.path), spec.resolve()[0]])
-        _check_model(store, spec, model_config)
-        notes: list[str] = check_capture_complete(store, config.allow_incomplete)
-        layers = plan_layers(store, model_config, config.layers)
-        check_reduced(store, {layer.input for layer in layers})
+        spec, model_config, config, layers, notes = _plan(store, config, out)
         notes += propagate_notes(store, config)
         for note in notes:
             say(f"note: {note}")
@@ -66,17 +61,37 @@ def run_solve(store_path, config: SolveConfig, progress: bool = True) -> dict:
     return report
 
 
+def _plan(store, config: SolveConfig, out: Path | None = None):
+    """What a solve of ``store`` works on, every check made before any weight is read:
+    (model spec, model config, ``config`` with its objective resolved, layers, notes).
+    ``out``: the output directory, refused when it is or holds the store or the model."""
+    spec = _model_spec(store, config)
+    model_config = models.load_config(spec)
+    if out is not None:
+        _check_out_is_not_an_input(out, [Path(store.path), spec.resolve()[0]])
+    _check_model(store, spec, model_config)
+    notes: list[str] = check_capture_complete(store, config.allow_incomplete)
+    config = resolve_objective(store, config)
+    layers = plan_layers(store, model_config, config.layers)
+    check_reduced(store, {layer.input for layer in layers})
+    return spec, model_config, config, layers, notes
+
+
 def _solve_into(stage, out, store, spec, model_config, layers, config, notes, progress, say, t0):
     source, note = open_weights(spec, model_config, stage / ".source", say)
     if note:
         notes.append(note)
     _check_weights(source, layers)
     device = resolve_device(config.device)
-    reader = _Reader(store, device)
-    allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source, reader,
-                              progress)
+    reader = _Reader(store, device, config.objective)
+    known = capture_factors(store, config, notes)
+    if known:
+        allocation = _ranks_of(layers, known, config)
+    else:
+        allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source, reader,
+                                  progress)
     writer = export.WRITERS[config.format](stage, source, final_dir=out)
-    rows = _factor_pass(layers, reader, writer, config, device, progress)
+    rows = _factor_pass(layers, reader, writer, config, device, progress, known)
     report = build_report(store, spec, config, layers, rows, allocation, notes,
                           time.perf_counter() - t0)
     writer.finish(config_section(store, spec, config, allocation))
@@ -85,10 +100,63 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     return report
 
 
+def allocate_ranks(store_path, config: SolveConfig, stage: Path, progress: bool = True) -> dict:
+    """The ranks `run_solve` would give each layer of the store at ``store_path`` (uniform or
+    global, as ``config`` says), without writing a model: ``{"layers": [{"module", "rank",
+    "kept_dense"}], "allocation": {...}}``, the part of a solve report that ``capture
+    --propagate --ranks`` reads. ``stage``: scratch directory for a GGUF source (deleted)."""
+    config.validate()
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    with open_store(store_path) as store, torch_threads(config.threads):
+        spec, model_config, config, layers, _ = _plan(store, config)
+        try:
+            source, _ = open_weights(spec, model_config, Path(stage), say)
+            reader = _Reader(store, resolve_device(config.device), config.objective)
+            allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source,
+                                      reader, progress)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    peft = config.format == "peft"
+    return {"allocation": allocation,
+            "layers": [{"module": l.name, "rank": l.rank,
+                        "kept_dense": not (peft or l.saves_parameters())} for l in layers]}
+
+
+def capture_factors(store, config: SolveConfig, notes: list[str]) -> dict:
+    """{module: (A, B)} the propagating capture of ``store`` applied, when this solve asks for
+    exactly that compression (`report.propagate_notes` finds no difference); else {}. They
+    are what the compressed model's later blocks were captured with, refined or not."""
+    if not (store.attrs.get("capture_settings") or {}).get("propagate") \
+            or propagate_notes(store, config):
+        return {}
+    factors, metas = applied.read_all(store)
+    if factors:
+        steps = max((m.get("refine_steps") or 0) for m in metas)
+        notes.append("factors as the propagating capture applied them"
+                     + (f" (refined {steps} steps per block)" if steps else "")
+                     + f", from {store.applied_dir}")
+    return factors
+
+
+def _ranks_of(layers: list[Layer], known: dict, config: SolveConfig) -> dict:
+    for layer in layers:
+        layer.rank = known[layer.name][0].shape[1] if layer.name in known else min(layer.m, layer.n)
+    return {"allocate": config.allocate, "source": "the propagating capture's factors",
+            "applied_factors": True}
+
+
 def check_capture_complete(store, allow: bool) -> list[str]:
     """StoreError for a store whose capture has not finished, unless ``allow`` (then a note
     for the report): a killed or running capture holds only part of the calibration."""
     capture = store.attrs.get("capture") or {}
+    shard = (store.attrs.get("calibration") or {}).get("shard")
+    if capture.get("complete") and shard:  # one node's part of a `capture --shard` job array
+        what = f"it holds part {shard[0]}/{shard[1]} of the calibration (capture --shard)"
+        if not allow:
+            raise StoreError(f"{store.path}: {what}; merge the reduced parts with `coala-stream "
+                             f"merge --out M PART...` and solve M, or pass --allow-incomplete "
+                             f"to compress from this part alone")
+        return [f"--allow-incomplete: {what}; the factors are fitted to that part only"]
     if capture.get("complete"):
         return []
     samples = (store.attrs.get("calibration") or {}).get("samples")
@@ -99,6 +167,27 @@ def check_capture_complete(store, allow: bool) -> list[str]:
         raise StoreError(f"{store.path}: {what}; rerun the capture command to finish it, or pass "
                          f"--allow-incomplete to compress from the part that is there")
     return [f"--allow-incomplete: {what}; the factors are fitted to that part only"]
+
+
+def resolve_objective(store, config: SolveConfig) -> SolveConfig:
+    """``config`` with ``objective`` and ``alpha`` filled in from the store when left out:
+    the output objective (with the capture's alpha) for a store of pair inputs [Xh | X],
+    else the input objective. StoreError for --objective output on a store without the
+    original inputs, UsageError for a method the objective does not take."""
+    pair = any(store.input(name).pair for name in store.inputs)
+    captured = (store.attrs.get("capture_settings") or {}).get("propagate") or {}
+    objective = config.objective or ("output" if pair else "input")
+    if objective == "output" and not pair:
+        raise StoreError(f"--objective output needs the original model's inputs beside the "
+                         f"compressed model's, which {store.path} does not hold; capture with "
+                         f"`coala-stream capture --sequential --propagate --objective output`, or "
+                         f"solve with --objective input")
+    alpha = config.alpha
+    if objective == "output" and alpha is None:
+        alpha = float(captured.get("alpha") or DEFAULT_ALPHA)
+    resolved = replace(config, objective=objective, alpha=alpha)
+    resolved.validate()
+    return resolved
 
 
 def _model_spec(store, config: SolveConfig) -> models.ModelSpec:
@@ -141,10 +230,10 @@ def plan_layers(store, model_config, pattern: str | None) -> list[Layer]:
             if not isinstance(module, torch.nn.Linear):
                 others.append(consumer)
                 continue
-            if module.in_features != info.n:
+            if module.in_features != info.features:
                 raise CheckpointMismatch(
                     f"{consumer} takes {module.in_features} inputs but the store's input {name!r} "
-                    f"has {info.n} columns: the store was captured from another model")
+                    f"has {info.features} features: the store was captured from another model")
             layers.append(Layer(consumer, name, module.out_features, module.in_features))
     if others:
         raise CoalaError(f"{len(others)} consumer(s) recorded in the store are not nn.Linear in "
@@ -192,28 +281,40 @@ def _check_weights(source: LazyWeights, layers: list[Layer]) -> None:
 
 
 class _Reader:
-    """Reduce results for one input at a time (q/k/v and gate/up share theirs), with cond(R)."""
+    """Reduce results for one input at a time (q/k/v and gate/up share theirs), with cond(R).
 
-    def __init__(self, store, device):
-        self.store, self.device = store, device
+    A pair input [Xh | X] is handed out whole for the output objective, as Xh's own
+    result (`input_view`) for the input objective; cond(R) is always that of Xh."""
+
+    def __init__(self, store, device, objective: str = "input"):
+        self.store, self.device, self.objective = store, device, objective
         self.name, self.value, self.cond = None, None, None
         self._conds: dict[str, tuple[float, str]] = {}  # layers sharing an input may not be adjacent
 
     def get(self, name: str):
         if name != self.name:
             self.value = None  # free the previous R first
-            reduced = read_result(self.store, name)
+            reduced = view_for(self.store.input(name), read_result(self.store, name),
+                               self.objective)
             reduced.R = reduced.R.to(self.device)
             if name not in self._conds:
-                self._conds[name] = cond_estimate(reduced.R)
+                info = self.store.input(name)
+                self._conds[name] = cond_estimate(reduced.R[:info.features, :info.features])
             self.name, self.value, self.cond = name, reduced, self._conds[name]
         return self.value
 
 
 
 
+def view_for(info, reduced, objective: str):
+    """What a method reads for ``objective`` from the reduce result of input ``info``."""
+    if info.pair and objective != "output":
+        return input_view(reduced, info.features)
+    return reduced
+
+
 def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
-                  device: torch.device) -> dict[str, dict]:
+                  device: torch.device, ranks: dict[str, int] | None = None) -> dict[str, dict]:
     """The factors `run_solve` computes for ``layers`` with uniform ranks, outside a solve run
     (``capture --sequential --propagate`` compresses each block with it as it goes).
 
@@ -222,14 +323,20 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
     {module name: `solve_layer` result} for the layers solve compresses: all with
     ``format="peft"``, else those whose rank saves parameters (the others stay dense).
     W and R go to ``device`` as in `run_solve`, so the same inputs give the same factors.
+    ``ranks`` ({module: rank}, e.g. a global allocation made beforehand) replaces the uniform
+    ranks; a layer it does not name stays dense.
     """
     peft = config.format == "peft"
-    for layer, r in zip(layers, uniform_ranks(layers, config)):
-        layer.rank = r
+    if ranks is None:
+        for layer, r in zip(layers, uniform_ranks(layers, config)):
+            layer.rank = r
+    else:
+        for layer in layers:
+            layer.rank = ranks.get(layer.name, min(layer.m, layer.n))
     out: dict[str, dict] = {}
     cache: dict[str, object] = {}
     for layer in layers:
-        if not (peft or layer.saves_parameters()):
+        if not (peft or layer.saves_parameters()) or (ranks is not None and layer.name not in ranks):
             continue
         if layer.input not in cache:
             red = reduced(layer.input)
@@ -242,17 +349,26 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
 
 
 
-def _factor_pass(layers, reader, writer, config, device, progress) -> list[dict]:
-    """Factor every layer that is compressed, feeding the writer shard by shard; report rows."""
-    from tqdm.auto import tqdm
+def _factor_pass(layers, reader, writer, config, device, progress, known=None) -> list[dict]:
+    """Factor every layer that is compressed, feeding the writer shard by shard; report rows.
+    ``known``: {module: (A, B)} to write instead of solving (`capture_factors`); then
+    exactly those layers are compressed."""
+    from ..progress import bar as progress_bar
 
     peft = config.format == "peft"
-    active = {l.name: l for l in layers if peft or l.saves_parameters()}
+    active = {l.name: l for l in layers
+              if (l.name in known if known else peft or l.saves_parameters())}
     rows: dict[str, dict] = {}
-    with tqdm(total=len(active), desc="solve", unit="layer", disable=None if progress else True) as bar:
+    with progress_bar(len(active), "solve", "layer", enabled=progress) as bar:
         def factor(name, W):
             layer = active[name]
-            res = solve_layer(W.to(device), reader.get(layer.input), layer.rank, config, layer.spectrum)
+            if known:
+                A, B = known[name]
+                res = known_factors(W.to(device), reader.get(layer.input), A, B, config,
+                                    "applied by the propagating capture")
+            else:
+                res = solve_layer(W.to(device), reader.get(layer.input), layer.rank, config,
+                                  layer.spectrum)
             rows[name] = layer_row(layer, res, reader.cond, peft)
             bar.update()
             return res["A"].cpu(), res["B"].cpu()
