@@ -11,8 +11,10 @@ from .config import DTYPES, TEST_DELAY_ENV, ReduceConfig
 from .fold import Partial, fold_group, group_chunks, merge_partials, plan_groups
 from .local import run_reduce, select_inputs
 from .prefetch import ChunkPrefetcher
-from .result import ReducedInput, ResultState, read_result, result_path, result_state
+from .result import (MERGED_FROM, ReducedInput, ResultState, merged_from, read_result,
+                     result_path, result_state, write_result)
 
 __all__ = ["DTYPES", "TEST_DELAY_ENV", "ReduceConfig", "Partial", "fold_group", "group_chunks",
            "merge_partials", "plan_groups", "run_reduce", "select_inputs", "ChunkPrefetcher",
-           "ReducedInput", "ResultState", "read_result", "result_path", "result_state"]
+           "ReducedInput", "ResultState", "read_result", "result_path", "result_state",
+           "MERGED_FROM", "merged_from", "write_result"]

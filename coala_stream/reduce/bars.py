@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ..progress import bar
 
 
 def chunk_bytes(info, i: int) -> int:
@@ -11,18 +15,17 @@ def chunk_bytes(info, i: int) -> int:
 
 
 class Bars:
-    """tqdm bars in bytes of stored activations: overall (this run's work) and the current input.
+    """Progress in bytes of stored activations: overall (this run's work) and the current input.
 
-    ``disable=None`` when enabled: bars show on a terminal only, not in logs.
+    `progress.bar`: tqdm bars on a terminal; in a log, plain rate-bounded lines of the
+    overall bar only (a line per input would flood a log of hundreds of inputs).
     """
 
     def __init__(self, store, names, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self._tqdm, self._disable = tqdm, None if enabled else True
+        self._enabled = enabled
         total = sum(input_bytes(store.input(n)) for n in names)
-        self.overall = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
-                            desc=f"reduce {len(names)} inputs", position=0, disable=self._disable)
+        self.overall = bar(total, f"reduce {len(names)} inputs", "B", enabled=enabled,
+                           unit_scale=True, unit_divisor=1000, position=0)
         self.current = None
         self._count, self._inputs = 0, len(names)
 
@@ -32,15 +35,15 @@ class Bars:
         last = job.info.num_chunks if job.action == "skipped" else job.start
         done = sum(chunk_bytes(job.info, i) for i in range(last))
         self.overall.total -= done
+        self.overall.set_postfix_str(f"input {self._count}/{self._inputs} {job.name}", refresh=False)
         self.overall.refresh()
         if self.current is not None:
             self.current.close()
             self.current = None
         if per_input and job.action != "skipped":
-            self.current = self._tqdm(
-                total=input_bytes(job.info), initial=done, unit="B", unit_scale=True,
-                unit_divisor=1000, desc=f"({self._count}/{self._inputs}) {job.name}", position=1,
-                leave=False, disable=self._disable)
+            self.current = bar(input_bytes(job.info), f"({self._count}/{self._inputs}) {job.name}",
+                               "B", enabled=self._enabled, initial=done, unit_scale=True,
+                               unit_divisor=1000, position=1, leave=False, interval=math.inf)
 
     def update(self, nbytes: int) -> None:
         self.overall.update(nbytes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import THREADS_RULE, resolve_device
 from ..errors import UsageError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -39,7 +39,9 @@ class ReduceConfig:
         "help": "also accumulate the float32 Gram matrix X^T X as peers do (only for the "
                 "SVD-LLM baseline comparison; R never needs it)"})
     workers: int | None = field(default=None, metadata={
-        "help": "fold on a local Dask cluster of this many worker processes", "metavar": "N"})
+        "help": "fold on a local Dask cluster of this many worker processes, one torch thread "
+                "each (so more workers than --threads' default would give only compete for "
+                "the same cores)", "metavar": "N"})
     scheduler: str | None = field(default=None, metadata={
         "help": "fold on an existing Dask cluster (scheduler address, e.g. tcp://host:8786)",
         "metavar": "ADDRESS"})
@@ -49,9 +51,7 @@ class ReduceConfig:
     read_threads: int = field(default=2, metadata={
         "help": "background threads reading and decompressing chunks", "metavar": "N"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads for the fold (default: the CPUs this process may use, see "
-                "the README's 'Threads'); fewer leave cores to reading and to other jobs",
-        "metavar": "N"})
+        "help": f"torch CPU threads; {THREADS_RULE}", "metavar": "N"})
     restart: bool = field(default=False, metadata={
         "help": "discard existing checkpoints and results of the selected inputs first"})
 

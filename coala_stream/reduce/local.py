@@ -45,13 +45,14 @@ def run_reduce(store_path, config: ReduceConfig | None = None, progress: bool = 
     (naming input and chunk; progress up to the last whole group is saved),
     CheckpointMismatch for a checkpoint made from other data or settings.
 
-    Summary: ``{"store", "reduce_dir", "mode", "device", "dtype", "inputs":
+    Summary: ``{"store", "reduce_dir", "mode", "device", "dtype", "threads", "inputs":
     {name: {"action", "tokens", "chunks", "bytes", "seconds", "path"}},
     "bytes_folded", "seconds", "gb_per_s", "capture": {"complete", "samples_done",
     "samples"}}``; ``action`` is one of folded, resumed, extended (a finished result
     continued over chunks added since), skipped (already complete); ``bytes`` counts
     stored activations folded by this run; ``capture`` says whether the store's capture
-    had finished (an unfinished one is reduced as far as it is committed).
+    had finished (an unfinished one is reduced as far as it is committed); ``threads``: torch's
+    CPU threads in this process (``config.threads``, or the caller's setting when None).
     """
     config = config or ReduceConfig()
     config.validate()
@@ -63,7 +64,9 @@ def run_reduce(store_path, config: ReduceConfig | None = None, progress: bool = 
         with checkpoint.StoreLock(reduce_dir / checkpoint.REDUCE_LOCK, what="reduce") as lock, \
                 StopRequests("reduce") as stop, torch_threads(config.threads):
             checkpoint.remove_temp_files(reduce_dir)  # leftovers of a killed run's writes
+            threads = torch.get_num_threads()
             if config.restart:
+                res.check_restartable(store)  # a merged store's R's cannot be refolded
                 for name in names:
                     res.result_path(store, name).unlink(missing_ok=True)
             run = Run(store, config, lock, stop, progress)
@@ -75,15 +78,18 @@ def run_reduce(store_path, config: ReduceConfig | None = None, progress: bool = 
                 inputs = run.local(names)
         capture = store.attrs.get("capture") or {}
         samples = (store.attrs.get("calibration") or {}).get("samples")
+        merged = len(res.merged_from(store) or [])
     seconds = time.monotonic() - t0
     folded = sum(v["bytes"] for v in inputs.values())
     return {
         "store": str(store_path), "reduce_dir": str(reduce_dir),
         "mode": "dask" if config.distributed else "local", "device": run.device_label,
-        "dtype": config.dtype, "inputs": inputs, "bytes_folded": folded, "seconds": seconds,
+        "dtype": config.dtype, "threads": threads, "inputs": inputs, "bytes_folded": folded,
+        "seconds": seconds,
         "gb_per_s": folded / seconds / 1e9 if seconds > 0 else 0.0,
         "capture": {"complete": bool(capture.get("complete")),
-                    "samples_done": int(capture.get("samples_done", 0)), "samples": samples},
+                    "samples_done": int(capture.get("samples_done", 0)), "samples": samples,
+                    "merged_shards": merged},
     }
 
 

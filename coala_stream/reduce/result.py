@@ -21,11 +21,16 @@ import torch
 
 from .. import checkpoint
 from .._version import __version__
-from ..errors import CheckpointMismatch, DataError
+from ..errors import CheckpointMismatch, DataError, UsageError
 
 # Settings that change the numbers of R: a checkpoint made with others is refused.
 RESULT_SETTINGS = ("dtype", "with_gram", "group_chunks")
 RESTART_HINT = "rerun reduce with --restart to discard it and start this input over"
+# Root attribute of a store made by `coala-stream merge` (`coala_stream.merge`): the shards
+# it came from. Such a store holds no activations (every input commits 0 rows); its results
+# are the shards' R's merged, so they are complete with nothing to fold, and can only be
+# remade by merging again, never by reduce.
+MERGED_FROM = "merged_from"
 
 
 @dataclass
@@ -108,6 +113,13 @@ def result_state(store, info, settings: dict | None = None) -> ResultState:
     without them (status, solve) any settings are accepted.
     """
     path = result_path(store, info.name)
+    merged = merged_from(store)
+    if merged and not path.is_file():
+        return ResultState("mismatch", chunks=info.num_chunks, message=(
+            f"{path.name} is missing from a store merged from {len(merged)} shards, which holds "
+            f"no activations to fold: run `coala-stream merge` again to remake it"))
+    if merged:
+        settings = None  # nothing is folded again, so reduce's own settings do not apply
     if not path.is_file():
         return ResultState("not started", chunks=info.num_chunks)
     try:
@@ -144,6 +156,22 @@ def _mismatch(store, info, path: Path, meta: dict, settings: dict | None) -> str
                 f"{info.name!r} differ from those it folded (another store, or rewritten chunks); "
                 f"{RESTART_HINT}")
     return ""
+
+
+def merged_from(store) -> list[dict] | None:
+    """The shards a store made by `coala-stream merge` came from; None for a captured store."""
+    return store.attrs.get(MERGED_FROM) or None
+
+
+def check_restartable(store) -> None:
+    """UsageError for ``reduce --restart`` on a merged store: its results cannot be refolded
+    (it has no activations), so deleting them would lose them."""
+    merged = merged_from(store)
+    if merged:
+        raise UsageError(f"{store.path} was merged from {len(merged)} shard stores by "
+                         f"`coala-stream merge` and holds no activations: reduce has nothing to "
+                         f"fold and --restart would only delete its R's; to redo them, reduce the "
+                         f"shards with --restart and merge again")
 
 
 def check_state(state: ResultState) -> None:

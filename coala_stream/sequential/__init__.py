@@ -4,17 +4,19 @@
 - `blocks`: the model as embeddings + decoder blocks loaded one at a time;
 - `workdir`: hidden states between blocks, the progress record, pending chunks;
 - `passes`: one pass of all samples through a block (capture and/or propagate);
-- `propagate`: reduce, solve and compress a block (--propagate);
+- `propagate`: compress a block group by group (--propagate);
+- `refine`: a few Adam steps on a compressed block's factors (--refine-steps);
 - `run`: `run_sequential`, and `run`, which is what `coala-stream capture` calls.
 """
 
 from .blocks import BlockModel, check_supported
 from .config import SequentialConfig
 from .passes import capture_block, finish
-from .propagate import compress_block, propagate_block, reduce_inputs, reduced_input
+from .propagate import (BlockWeights, capture_group, propagate_block, reduce_inputs, reduced_input,
+                        run_pass, solve_group)
 from .run import run, run_sequential
 from .workdir import WorkDir, default_hidden_dir
 
 __all__ = ["BlockModel", "check_supported", "SequentialConfig", "capture_block", "finish",
-           "compress_block", "propagate_block", "reduce_inputs", "reduced_input", "run",
+           "BlockWeights", "capture_group", "propagate_block", "run_pass", "solve_group", "reduce_inputs", "reduced_input", "run",
            "run_sequential", "WorkDir", "default_hidden_dir"]

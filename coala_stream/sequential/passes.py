@@ -22,40 +22,16 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
     and the output rows written (by an earlier run)."""
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
     dtype = getattr(torch, plan.dtype)
-    groups: list[InputGroup] = []
-    fire_order: list[str] = []
-    if targets:
-        x0 = work.read(src, 0, 1).to(bm.device)
-        groups, fire_order, crc = probe_run(lambda: bm.run_block(k, x0), targets, seq_len, dtype)
-        old = rec["probe_crc32"].get(str(k))
-        if old is not None and old != crc:
-            say(f"warning: block {k}'s activations on sample 0 differ from those recorded when it "
-                f"was started (other weights, device or library versions?): the resumed part "
-                f"will not be bit-identical to an uninterrupted run")
-        if old is None:
-            rec["probe_crc32"][str(k)] = crc
-            work.write_progress(rec)
-        for g in groups:
-            store.create_input(g.name, g.n, g.consumers)  # idempotent; StoreError if it differs
+    groups, fire_order = probe_block(bm, k, work, src, targets, rec, dtype, say)
+    for g in groups:
+        store.create_input(g.name, g.n, g.consumers)  # idempotent; StoreError if it differs
     infos = {g.name: store.input(g.name) for g in groups}
-    committed = {i.tokens for i in infos.values()}
-    if len(committed) > 1:
-        raise StoreError(f"{store.path}: the inputs of block {k} hold different committed token "
-                         f"counts ({sorted(committed)}); the store is inconsistent (--overwrite "
-                         f"starts over)")
-    cap_start = (committed.pop() if committed else 0) // seq_len  # whole chunks: batch-aligned
-    per_chunk = plan.chunk_tokens // seq_len
-    if not groups:
-        cap_start = samples
-    out_block, out_rows = work.state(dst)
-    done_out = samples if not write_output else (out_rows if out_block == k else 0)
-    start = (min(cap_start, done_out) // B) * B
+    cap_start, start = _resume_point(bm, k, store, work, infos, dst, write_output, samples,
+                                     seq_len, B)
     bar.update(min(start, samples))
     if start >= samples:
         return 0
-    if write_output and out_block != k:
-        work.array(dst, bm.model.config.hidden_size)
-        work.set_state(dst, k, 0)  # the array held block k-2's output: now block k's, empty
+    per_chunk = plan.chunk_tokens // seq_len
 
     first_chunk = cap_start * seq_len // plan.chunk_tokens
     buffers = {g.name: ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
@@ -101,12 +77,58 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
         for h in handles:
             h.remove()
     signals.check("capture", f"in block {k} (every committed chunk is kept)")
-    for name, b in buffers.items():  # the last, partial chunk: kept aside until the end
+    save_pending(work, buffers, k)
+    return writer.raw_bytes
+
+
+def _resume_point(bm, k, store, work, infos, dst, write_output, samples, seq_len, B):
+    """(first sample to capture, first sample to run) of block ``k``'s pass: after the
+    committed chunks (equal for every input of the block) and the output rows written; the
+    output array is claimed for block k when it held an older block's output."""
+    committed = {i.tokens for i in infos.values()}
+    if len(committed) > 1:
+        raise StoreError(f"{store.path}: the inputs of block {k} hold different committed token "
+                         f"counts ({sorted(committed)}); the store is inconsistent (--overwrite "
+                         f"starts over)")
+    cap_start = (committed.pop() if committed else 0) // seq_len  # whole chunks: batch-aligned
+    if not infos:
+        cap_start = samples
+    out_block, out_rows = work.state(dst)
+    done_out = samples if not write_output else (out_rows if out_block == k else 0)
+    start = (min(cap_start, done_out) // B) * B
+    if start < samples and write_output and out_block != k:
+        work.claim(dst, k, bm.model.config.hidden_size)  # it held block k-2's output
+    return cap_start, start
+
+
+def save_pending(work: WorkDir, buffers: dict, k: int) -> None:
+    """Each input's last, partial chunk, kept aside (atomically) until the final commit: a
+    chunk holds chunk_tokens rows except the last one of a finished capture."""
+    for name, b in buffers.items():
         p = b.flush()
         if p is not None:
             checkpoint.save_state(work.pending_path(name), {"rows": p[1]},
                                   {"index": p[0], "block": k})
-    return writer.raw_bytes
+
+
+def probe_block(bm: BlockModel, k: int, work: WorkDir, src: str, targets: list, rec: dict,
+                dtype: torch.dtype, say) -> tuple[list[InputGroup], list[str]]:
+    """(groups, their names in forward order) of block ``k`` (loaded, as it runs now), from a
+    probe on sample 0 of ``src``; the probe's checksum is recorded in ``rec`` the first time
+    and compared on resume (a warning: the resumed part would not be bit-identical)."""
+    if not targets:
+        return [], []
+    x0 = work.read(src, 0, 1).to(bm.device)
+    groups, fire_order, crc = probe_run(lambda: bm.run_block(k, x0), targets, work.seq_len, dtype)
+    old = rec["probe_crc32"].get(str(k))
+    if old is not None and old != crc:
+        say(f"warning: block {k}'s activations on sample 0 differ from those recorded when it "
+            f"was started (other weights, device or library versions?): the resumed part "
+            f"will not be bit-identical to an uninterrupted run")
+    if old is None:
+        rec["probe_crc32"][str(k)] = crc
+        work.write_progress(rec)
+    return groups, fire_order
 
 
 def finish(store, work: WorkDir, samples: int, seq_len: int) -> tuple[list[str], int]:

@@ -1,10 +1,27 @@
-"""Propagation (``capture --sequential --propagate``): reduce, solve and compress block by block.
+"""Propagation (``capture --sequential --propagate``): compress each block group by group.
 
-Block k: capture pass (block k as it is, on the hidden states of the compressed
-blocks before it), `reduce_inputs` (reduce's own driver, restricted to block k's
-inputs, so it holds the store's reduce lock), `compress_block` (solve's
-`factor_layers`: the code of ``coala-stream solve`` with uniform ranks), then a
-propagation pass through the compressed block whose outputs feed block k+1.
+Inside block k the linears that read one tensor form a group (q/k/v; o; gate/up;
+down for a Llama block), taken in the order the forward reaches them. For each group:
+
+1. *capture pass* (`capture_group`): every sample through block k up to the group's
+   input, on the compressed model's hidden states, with the groups before it already
+   compressed: the rows Xh. With ``--objective output`` the same samples also go
+   through the original block k on the original model's hidden states (X), and the
+   store gets the rows [Xh | X] (a pair input). Chunked, checksummed and committed as
+   any capture (resume per chunk); the last, partial chunk waits in ``pending/``;
+2. *reduce* (`reduce_inputs`): reduce's own driver on that input (it holds the reduce
+   lock; resumable), the pending chunk folded on top in memory (`reduced_input`);
+3. *solve*: `solve.factor_layers` (the code of ``coala-stream solve``) with the
+   capture's settings gives A, B per consumer; the block now runs those consumers
+   with ``(A @ B).to(W.dtype)``, and the block's factors so far are written to the
+   store's ``applied/`` directory (`coala_stream.applied`, atomic).
+
+After the last group: the original block on the original hidden states (when the
+objective or the refinement needs them), ``--refine-steps`` of Adam on the block's
+factors (`refine`), then the compressed block on the compressed hidden states: block
+k+1's inputs. The progress record names the block, the groups done, and each of
+these steps, so a killed run resumes at the step it was in and ends with the same
+store, reduce results and factors.
 """
 
 from __future__ import annotations
@@ -12,46 +29,259 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from contextlib import contextmanager
 
 import torch
 
-from .. import checkpoint
+from .. import applied, checkpoint, signals
+from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, linear_input
 from ..devices import resolve_device, torch_threads
 from ..errors import StoreError
-from ..capture import Plan
 from ..reduce import DTYPES, Partial, ReduceConfig, fold_group, read_result, run_reduce
 from ..solve import Layer, SolveConfig, factor_layers
 from .blocks import BlockModel
-from .passes import capture_block
 from .config import SequentialConfig
+from .passes import probe_block, save_pending
+from .refine import refine_block
 from .workdir import WorkDir
 
 
-def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: str,
-                    targets: list, is_last: bool, rec: dict, plan: Plan, config: SequentialConfig,
-                    bar, say, timing: dict) -> int:
-    """Block ``k`` (loaded) with --propagate: capture pass, reduce, solve, compress, propagation
-    pass (module docstring); returns raw bytes written."""
+class BlockWeights:
+    """Block k's linears: the original weights, and the compressed ones applied so far.
+
+    The block runs compressed wherever a factor is applied; `originals` swaps the
+    original weights in for the original model's passes, `restore` before the block is
+    freed (so the block's buffers go back to the pool they came from).
+    """
+
+    def __init__(self, bm: BlockModel, k: int):
+        head = f"{bm.prefix}.{k}."
+        self.mods = {head + n: m for n, m in bm.blocks[k].named_modules()
+                     if isinstance(m, torch.nn.Linear)}
+        self.original = {name: m.weight for name, m in self.mods.items()}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def apply(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        W = self.original[name]
+        self.mods[name].weight = torch.nn.Parameter(
+            (A.to(W.device) @ B.to(W.device)).to(W.dtype), requires_grad=False)  # solve --format dense
+        self.factors[name] = (A, B)
+
+    @contextmanager
+    def originals(self):
+        saved = {name: m.weight for name, m in self.mods.items()}
+        for name, m in self.mods.items():
+            m.weight = self.original[name]
+        try:
+            yield
+        finally:
+            for name, m in self.mods.items():
+                m.weight = saved[name]
+
+    def restore(self) -> None:
+        for name, m in self.mods.items():
+            m.weight = self.original[name]
+
+
+def needs_original(settings: dict) -> bool:
+    """Whether the original model's hidden states must run beside the compressed ones."""
+    return settings.get("objective") == "output" or bool(settings.get("refine_steps"))
+
+
+def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, rec: dict, targets: list,
+                    is_last: bool, plan: Plan, config: SequentialConfig, say, timing: dict) -> int:
+    """Block ``k`` (loaded) with --propagate, resuming at the step ``rec`` names (module
+    docstring); returns raw bytes written. Leaves ``rec`` ready for block k+1."""
+    settings = plan.attrs["capture_settings"]["propagate"]
+    bw = BlockWeights(bm, k)
     raw = 0
-    if rec.get("captured") != k:
-        raw = capture_block(bm, k, store, work, src, dst, targets, False, rec, plan, config,
-                             bar, say)
-        rec["captured"] = k
-        work.write_progress(rec)
-    names = [n for n in store.inputs if bm.block_of(n) == k]
-    if names:
-        t = time.perf_counter()
-        reduce_inputs(config, plan, names)
-        timing["reduce_seconds"] += time.perf_counter() - t
-    if is_last:
-        return raw  # nothing after it sees its outputs
-    if names:
-        t = time.perf_counter()
-        with torch_threads(plan.compute_threads):
-            timing["compressed_layers"] += len(compress_block(bm, k, store, work, names, plan))
-        timing["solve_seconds"] += time.perf_counter() - t
-    capture_block(bm, k, store, work, src, dst, [], True, rec, plan, config, bar, say)
+    try:
+        groups = _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say)
+        done = rec.get("groups_done", 0)
+        if done:
+            got = applied.read_block(store, k)
+            if got is None or got[1].get("groups_done", 0) < done:
+                raise StoreError(f"{store.path}: the factors of block {k}'s first {done} groups are "
+                                 f"missing from {applied.block_path(store, k).parent}; rerun with "
+                                 f"--overwrite to start over")
+            for name, (A, B) in got[0].items():
+                bw.apply(name, A, B)
+        for gi in range(done, len(groups)):
+            raw += _compress_group(bm, k, gi, groups[gi], store, work, rec, bw, plan, config,
+                                   settings, say, timing)
+        _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing)
+    finally:
+        bw.restore()
     return raw
+
+
+def _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say) -> list[InputGroup]:
+    """Block k's groups in forward order (probed with the original weights); the store's
+    inputs for them are created (pairs for the output objective)."""
+    with bw.originals():
+        groups, fire_order = probe_block(bm, k, work, rec["src"], targets, rec,
+                                         getattr(torch, plan.dtype), say)
+    pair = settings.get("objective") == "output"
+    by_name = {g.name: g for g in groups}
+    ordered = [by_name[name] for name in fire_order]
+    for g in ordered:
+        store.create_input(g.name, 2 * g.n if pair else g.n, g.consumers, pair=pair)
+    return ordered
+
+
+def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, say,
+                    timing) -> int:
+    raw = 0
+    if rec.get("group_captured") != gi:
+        raw = capture_group(bm, k, g, store, work, rec, bw, plan, settings)
+        rec["group_captured"] = gi
+        work.write_progress(rec)
+    t = time.perf_counter()
+    reduce_inputs(config, plan, [g.name])
+    timing["reduce_seconds"] += time.perf_counter() - t
+    t = time.perf_counter()
+    with torch_threads(plan.compute_threads):
+        factors = solve_group(bm, k, g, store, work, bw, plan, settings)
+    for name, (A, B) in factors.items():
+        bw.apply(name, A, B)
+    timing["solve_seconds"] += time.perf_counter() - t
+    timing["compressed_layers"] += len(factors)
+    applied.write_block(store, k, bw.factors, {"groups_done": gi + 1, "refine_steps": 0,
+                                               "settings": settings})
+    if config.drop_activations:
+        store.drop_activations(g.name)
+    rec.update(groups_done=gi + 1)
+    rec.pop("group_captured", None)
+    work.write_progress(rec)
+    signals.check("capture", f"after block {k}'s group {g.name} (progress saved in {work.path})")
+    return raw
+
+
+def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing) -> None:
+    """After the groups: the original block's pass, the refinement, the compressed pass."""
+    src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
+    osrc = rec.get("osrc") or src  # before block 0 the two models' hidden states are one
+    odst = "o" + dst
+    original = needs_original(settings) and not (is_last and not settings.get("refine_steps"))
+    if original and not rec.get("original_done"):
+        with bw.originals():
+            run_pass(bm, k, work, osrc, odst, plan.batch_size)
+        rec["original_done"] = True
+        work.write_progress(rec)
+    steps = settings.get("refine_steps") or 0
+    if steps and bw.factors and not rec.get("refined"):
+        t = time.perf_counter()
+        refined = refine_block(bm, k, bw, work, src, odst, steps, settings["refine_lr"],
+                               plan.batch_size)
+        for name, (A, B) in refined.items():
+            bw.apply(name, A, B)
+        applied.write_block(store, k, bw.factors, {"groups_done": rec.get("groups_done", 0),
+                                                   "refine_steps": steps, "settings": settings})
+        timing["refine_seconds"] = timing.get("refine_seconds", 0.0) + time.perf_counter() - t
+        rec["refined"] = True
+        work.write_progress(rec)
+    if not is_last:
+        run_pass(bm, k, work, src, dst, plan.batch_size)
+    for key in ("groups_done", "group_captured", "original_done", "refined"):
+        rec.pop(key, None)
+    rec.update(next_block=k + 1, src=src if is_last else dst,
+               osrc=(odst if original and not is_last else rec.get("osrc")))
+
+
+def run_pass(bm: BlockModel, k: int, work: WorkDir, src: str, dst: str, batch: int) -> None:
+    """Every sample through block ``k`` as it is now, outputs to ``dst``; resumes after the
+    rows an earlier run wrote there for this block."""
+    block, rows = work.state(dst)
+    start = rows if block == k else 0
+    if block != k:
+        work.claim(dst, k, bm.model.config.hidden_size)
+    with torch.no_grad():
+        for s in range(start - start % batch, work.samples, batch):
+            out = bm.run_block(k, work.read(src, s, s + batch).to(bm.device))
+            work.write(dst, s, out, block=k)
+            if signals.requested():
+                break
+    signals.check("capture", f"in block {k}'s pass to {dst} (the rows written are kept)")
+
+
+def input_at(bm: BlockModel, k: int, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """The input ``module`` of block ``k`` receives when the block runs on ``x``; the forward
+    stops there."""
+    got: list[torch.Tensor] = []
+
+    def hook(mod, args, kwargs):
+        got.append(linear_input(args, kwargs))
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        bm.run_block(k, x)
+    finally:
+        handle.remove()
+    return got[0]
+
+
+def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, rec: dict,
+                  bw: BlockWeights, plan: Plan, settings: dict) -> int:
+    """All samples' rows of group ``g``'s input into the store (step 1 of the module
+    docstring); resumes after its committed chunks. Returns raw bytes written."""
+    samples, seq_len, B = work.samples, work.seq_len, plan.batch_size
+    pair = settings.get("objective") == "output"
+    info = store.input(g.name)
+    dtype = getattr(torch, plan.dtype)
+    per_chunk = plan.chunk_tokens // seq_len
+    cap_start = info.tokens // seq_len  # whole chunks: a batch boundary
+    src, osrc = rec["src"], rec.get("osrc") or rec["src"]
+    buffer = ChunkBuffer(plan.chunk_tokens, info.n, dtype, info.num_chunks)
+    writer = ChunkWriter(store, {g.name: list(info.chunk_crc32)}, {g.name: info.n},
+                         dtype.itemsize, 1)
+    module = bw.mods[g.name]
+    done_chunks = cap_start // per_chunk
+    try:
+        with torch.no_grad():
+            for s in range(cap_start, samples, B):
+                rows = input_at(bm, k, work.read(src, s, s + B).to(bm.device), module)
+                if pair:
+                    with bw.originals():
+                        x = input_at(bm, k, work.read(osrc, s, s + B).to(bm.device), module)
+                    rows = torch.cat([rows, x], dim=-1)
+                for index, chunk in buffer.add(rows.reshape(-1, info.n)):
+                    writer.put(("chunk", g.name, index, chunk))
+                if signals.requested():
+                    break  # no commit after a signal: what follows is redone on resume
+                done = min(s + B, samples)
+                while (done_chunks + 1) * per_chunk <= done:
+                    done_chunks += 1
+                    writer.put(("commit", 0, done_chunks * plan.chunk_tokens, False))
+        writer.close()
+    except BaseException:
+        writer.close()  # finish queued commits; a writer error (disk full) replaces this one
+        raise
+    signals.check("capture", f"in block {k}, group {g.name} (every committed chunk is kept)")
+    save_pending(work, {g.name: buffer}, k)
+    return writer.raw_bytes
+
+
+def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw: BlockWeights,
+                plan: Plan, settings: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A, B for the consumers of ``g`` as ``coala-stream solve`` computes them from this store
+    with the capture's settings, on the capture's device. Layers whose rank saves no
+    parameters (or that ``ranks`` leaves out) stay dense, as solve keeps them."""
+    cfg = SolveConfig(out="-", method=settings["method"], ratio=settings["ratio"],
+                      rank=settings["rank"], mu=settings["mu"],
+                      objective=settings.get("objective", "input"), alpha=settings.get("alpha"))
+    layers = [Layer(c, g.name, bw.mods[c].out_features, bw.mods[c].in_features)
+              for c in g.consumers]
+
+    def weight(consumer: str) -> torch.Tensor:
+        if bm.weights is not None:  # as stored, as solve reads it
+            return bm.weights.read([consumer + ".weight"])[consumer + ".weight"]
+        return bw.original[consumer].detach()  # loaded whole (GGUF): as the model holds it
+
+    device = resolve_device(str(plan.device))
+    factors = factor_layers(layers, weight, lambda n: reduced_input(store, work, n, device),
+                            cfg, plan.device, settings.get("ranks"))
+    return {c: (res["A"], res["B"]) for c, res in factors.items()}
 
 
 def reduce_inputs(config: SequentialConfig, plan: Plan, names: list[str] | None) -> dict:
@@ -87,39 +317,3 @@ def reduced_input(store, work: WorkDir, name: str, device: torch.device):
                dtype=DTYPES[red.meta["settings"]["dtype"]], device=device)
     return dataclasses.replace(red, R=part.R, abs_sum=part.abs_sum, gram=part.gram,
                                tokens=part.tokens, meta={**red.meta, "pending_folded": True})
-
-
-def compress_block(bm: BlockModel, k: int, store, work: WorkDir, names: list[str],
-                   plan: Plan) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Replace the weights of block ``k``'s linears (the consumers of ``names``) by A @ B as
-    ``coala-stream solve`` computes them from this store with the capture's --propagate
-    settings, on the capture's device. Returns {module name: (A, B)} of the layers changed
-    (layers whose rank saves no parameters stay dense, as solve keeps them)."""
-    settings = plan.attrs["capture_settings"]["propagate"]
-    cfg = SolveConfig(out="-", **settings)
-    device = plan.device
-    head = f"{bm.prefix}.{k}."
-    mods = dict(bm.blocks[k].named_modules())
-    layers = []
-    for name in names:
-        for consumer in store.input(name).consumers:
-            mod = mods[consumer[len(head):]]
-            layers.append(Layer(consumer, name, mod.out_features, mod.in_features))
-    dtypes: dict[str, torch.dtype] = {}
-
-    def weight(consumer: str) -> torch.Tensor:
-        if bm.weights is not None:  # as stored, as solve reads it
-            W = bm.weights.read([consumer + ".weight"])[consumer + ".weight"]
-        else:  # loaded whole (GGUF): the weights as the model holds them
-            W = mods[consumer[len(head):]].weight.detach()
-        dtypes[consumer] = W.dtype
-        return W
-
-    reduce_device = resolve_device(str(device))
-    factors = factor_layers(layers, weight, lambda n: reduced_input(store, work, n, reduce_device),
-                                  cfg, device)
-    with torch.no_grad():
-        for consumer, res in factors.items():
-            mod = mods[consumer[len(head):]]
-            mod.weight.copy_((res["A"] @ res["B"]).to(dtypes[consumer]))  # solve --format dense
-    return {c: (res["A"], res["B"]) for c, res in factors.items()}

@@ -1,98 +1,13 @@
-"""The block-by-block run: capture one decoder block at a time, and propagation.
+"""The block-by-block run: capture one decoder block at a time, with or without propagation.
 
-This is an orchestrator above capture, reduce and solve: it uses their public
-functions only (the chunk buffers, writer and probe of `capture`, `run_reduce`
-and the fold kernel of `reduce`, `factor_layers` of `solve`).
-
-For models larger than device memory or RAM. The model is built on the ``meta``
-device (shapes, no memory); then
-
-1. *embeddings*: only the input embeddings (and the rotary embedding) are
-   materialised; the hidden states entering block 0 of every calibration sample
-   are computed batch by batch and written to a Zarr array on disk;
-2. *block k* = 0, 1, ...: only block k's weights are read from the safetensors
-   checkpoint (`weights.LazyWeights`) onto the device; all samples go through it
-   in the batches the ordinary capture uses, with the same hooks, chunk buffers,
-   writer thread and commits (`capture.writer`), and its outputs, the hidden states
-   entering block k+1, are written to the other Zarr array (the two arrays are
-   ping-ponged: block k reads one and writes the other). The block is freed
-   (back to ``meta``) before the next one is loaded;
-3. *finish*: the last, partial chunk of every input (kept aside per block, see
-   below) is written and the store is committed complete.
-
-Every decoder layer is called exactly as the model's own forward calls it: the
-keyword arguments (causal mask, ``position_embeddings`` = the rotary (cos, sin),
-``position_ids``, ...) are recorded by running the base model's own ``forward``
-with each layer replaced by a stand-in that records what it is given (GPTQ's
-"catcher"), once per batch shape. So masks and rotary embeddings come from the
-installed transformers' code, whatever its signature, per layer (sliding-window
-layers of Qwen2/Mistral get theirs). With the same batches, the stored
-activations are bit-identical to the ordinary capture's on the same device.
-
-GGUF models (and checkpoints that are not safetensors) cannot be read per block:
-they are loaded whole on the CPU once, and only one block at a time is moved to
-the device (peak device memory is still one block; RAM holds the model).
-
-Work directory (``--hidden-dir``, default ``OUT.sequential``, deleted when the
-capture completes)::
-
-    progress.json          {format, store_uuid, next_block, src, probe_crc32}, atomic
-    hidden.zarr/a, /b      (samples x seq_len x hidden) in the model dtype (bf16/fp16 as
-                           uint16 bits), one chunk per sample; attributes
-                           {block: k whose output it holds (-1: embeddings), samples: rows valid}
-    pending/<input>.safetensors   the last, partial chunk of an input (atomic)
-
-Resume: ``progress.json`` names the next block and which array holds its input
-(written after that array's ``samples`` attribute says it is complete). Within
-a block, the store's committed chunks of its inputs and the output array's
-``samples`` tell where to go on; batches before the committed chunks run again
-only if their output was not written, and capture nothing twice. The store's
-root ``capture.samples_done`` stays 0 until the final commit (it counts samples
-committed for *every* input); each input's ``committed_tokens`` shows progress.
-
-Propagation (``--propagate``, with ``--ratio F`` or ``--rank N``, ``--method``, ``--mu``):
-each block is compressed as soon as its inputs are known, and the blocks after it
-see the activations of the compressed model (the idea of SVD-LLM's parameter
-update and of sequential GPTQ). Block k then takes these steps:
-
-1. *capture pass*: all samples through block k as it is (uncompressed), on the
-   hidden states the compressed blocks 0..k-1 produced; its inputs go to the store
-   as above (the last, partial chunk to ``pending/``); the forward stops after the
-   last hooked linear;
-2. *reduce*: ``reduce.run_reduce`` on the store, restricted to block k's inputs (so
-   it takes the store's reduce lock, and a concurrent ``coala-stream reduce`` is
-   refused), folds their committed chunks into ``reduce/<input>.safetensors``; the
-   pending partial chunk is folded in memory on top, exactly as the final reduce
-   will fold it (one more group after a complete result: reduce's "extended");
-3. *solve*: ``solve.factor_layers`` (the code of ``coala-stream solve`` with uniform
-   ranks: same ranks, same absolute mu, same kept-dense rule) gives A, B for every
-   linear of block k from W as the checkpoint stores it and that R;
-4. *propagation pass*: each linear's weight becomes ``(A @ B).to(W.dtype)`` (what
-   ``solve --format dense`` writes) and all samples go through the compressed block;
-   its outputs are block k+1's input (the ping-pong array, as above). The last
-   block has no propagation pass.
-
-After the final commit the whole store is reduced (each input's partial chunk is
-folded onto its result), so ``coala-stream solve STORE`` with the same ``--ratio``
-/ ``--rank``, ``--method``, ``--mu`` and ``--device`` (default cpu: capture on the
-same device) computes the very factors used here. The settings are recorded in
-the store's ``capture_settings.propagate`` and compared like the other capture
-settings, so an ordinary store and a propagated one never resume or stand in for
-each other. Later reduce settings other than the defaults (``--dtype float64``,
-``--with-gram``, ``--group-rows``) need ``reduce --restart`` and give a slightly
-different R; ``solve --allocate global`` or ``--layers`` compress otherwise than
-the propagation assumed.
-
-Block-level, not layer-level: the inputs of o_proj and down_proj inside block k are
-captured with block k uncompressed (only blocks 0..k-1 are compressed). The strict
-sequential-GPTQ order (q/k/v compressed before capturing o_proj's input, ...) would
-need one pass per group of linears in every block; the block-level order needs two
-passes per block (capture, propagate).
-
-Resume: ``progress.json`` also records ``captured`` (the block whose capture pass
-is done); reduce resumes from its own checkpoints, the factors are recomputed
-(deterministic), and the propagation pass continues after the output rows written.
-A killed run rerun with the same command gives the same store and reduce results.
+An orchestrator above capture, reduce and solve: it uses their public functions only.
+The model is built on the ``meta`` device; the embeddings, then one decoder block at a
+time, are materialised (`blocks.BlockModel`), and the hidden states between blocks live
+on disk (`workdir.WorkDir`). Without ``--propagate`` each block's pass captures its
+inputs exactly as the ordinary capture would (`passes.capture_block`); with it, each
+block is compressed group by group as its inputs become known (`propagate`). The
+stages, the work directory, resume and the store they leave are described in
+docs/design.md ("Sequential capture and propagation").
 """
 
 from __future__ import annotations
@@ -103,12 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, models, signals
-from ..capture import (ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, capture_lock,
-                       existing_store, linear_input, open_or_create_store, plan_capture, probe_run,
+from .. import models, signals
+from ..capture import (Plan, capture_lock, existing_store, open_or_create_store, plan_capture,
                        run_capture, summary_of)
 from ..devices import threads_beside_writer, torch_threads
-from ..errors import StoreError
 from ..progress import bar as progress_bar
 from ..signals import StopRequests
 from .blocks import BlockModel
@@ -176,7 +89,8 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
         rec = work.read_progress()
         if rec is not None and rec.get("store_uuid") == uuid and rec["src"] is not None \
                 and rec["next_block"] <= last \
-                and work.state(rec["src"]) != (rec["next_block"] - 1, config.samples):
+                and any(work.state(a) != (rec["next_block"] - 1, config.samples)
+                        for a in (rec["src"], rec.get("osrc")) if a is not None):
             say(f"warning: {work.path}: the hidden states entering block {rec['next_block']} are "
                 f"incomplete although the progress record says otherwise: recomputing them")
             rec = None
@@ -202,42 +116,45 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
 def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, last: int,
                 plan: Plan, config: SequentialConfig, progress: bool, say, summary: dict) -> dict:
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
-    ids = plan.cal.ids
     raw = 0
     propagate = plan.attrs["capture_settings"].get("propagate")
-    passes = 2 if propagate else 1  # per block but the last: capture (+ propagate)
-    done_passes = (rec["src"] is not None) + passes * rec["next_block"] \
-        + (propagate is not None and rec.get("captured") == rec["next_block"])
-    bar = progress_bar((1 + passes * last + 1) * samples, initial=done_passes * samples,
-                       unit="sample", desc="capture --sequential" + (" --propagate" if propagate else ""),
-                       enabled=progress, dynamic_ncols=True)
+    if propagate:  # a block is many passes (one per group, then one or two more): count blocks
+        bar = progress_bar(last + 2, initial=(rec["src"] is not None) + rec["next_block"],
+                           unit="block", desc="capture --sequential --propagate",
+                           enabled=progress, dynamic_ncols=True)
+    else:
+        done = (rec["src"] is not None) + rec["next_block"]
+        bar = progress_bar((last + 2) * samples, initial=done * samples, unit="sample",
+                           desc="capture --sequential", enabled=progress, dynamic_ncols=True)
     timing = {"reduce_seconds": 0.0, "solve_seconds": 0.0, "compressed_layers": 0}
     try:
         if rec["src"] is None:  # embeddings -> array a
             bar.set_postfix_str("embeddings", refresh=False)
             with torch.no_grad():
                 for s in range(0, samples, B):
-                    work.write("a", s, bm.embed(ids[s:s + B]), block=-1)
-                    bar.update(min(B, samples - s))
-            bm.free_embeddings()
+                    work.write("a", s, bm.embed(plan.cal.ids[s:s + B]), block=-1)
+                    if not propagate:
+                        bar.update(min(B, samples - s))
             rec.update(next_block=0, src="a")
             work.write_progress(rec)
+            if propagate:
+                bar.update(1)
         bm.free_embeddings()
         for k in range(rec["next_block"], last + 1):
             bar.set_postfix_str(f"block {k}/{last}", refresh=False)
-            src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
             bm.load_block(k)
             try:
                 if not propagate:
+                    src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
                     raw += capture_block(bm, k, store, work, src, dst, targets.get(k, []),
-                                          k != last, rec, plan, config, bar, say)
+                                         k != last, rec, plan, config, bar, say)
+                    rec.update(next_block=k + 1, src=src if k == last else dst)
                 else:
-                    raw += propagate_block(bm, k, store, work, src, dst, targets.get(k, []),
-                                            k == last, rec, plan, config, bar, say, timing)
+                    raw += propagate_block(bm, k, store, work, rec, targets.get(k, []),
+                                           k == last, plan, config, say, timing)
+                    bar.update(1)
             finally:
                 bm.free_block(k)
-            rec.update(next_block=k + 1, src=rec["src"] if k == last else dst)
-            rec.pop("captured", None)
             work.write_progress(rec)  # after dst's count: the next block may start
             signals.check("capture", f"after block {k} (progress saved in {work.path})")
         bar.set_postfix_str("final commit", refresh=False)
@@ -251,7 +168,7 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
         bar.update(bar.total - bar.n)
     finally:
         bar.close()
+    itemsize = getattr(torch, plan.dtype).itemsize
     return {"inputs": names, "raw_bytes": raw,
-            "store_raw_bytes": sum(store.input(n).n for n in names) * samples * seq_len
-            * getattr(torch, plan.dtype).itemsize,
+            "store_raw_bytes": sum(store.input(n).n for n in names) * samples * seq_len * itemsize,
             "stored_bytes": sum(store.stored_bytes(n) for n in names)}

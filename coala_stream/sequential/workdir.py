@@ -104,6 +104,11 @@ class WorkDir:
     def set_state(self, name: str, block: int, samples: int) -> None:
         self.array(name).update_attributes({"block": block, "samples": samples})  # one write
 
+    def claim(self, name: str, block: int, hidden: int) -> None:
+        """Array ``name`` holds an older block's output: make it block ``block``'s, empty."""
+        self.array(name, hidden)
+        self.set_state(name, block, 0)
+
     def write(self, name: str, start: int, t: torch.Tensor, block: int) -> None:
         arr = self.array(name, t.shape[-1])
         arr[start:start + t.shape[0]] = fmt.to_stored(t)  # data first, then the count
@@ -111,11 +116,6 @@ class WorkDir:
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         return fmt.from_stored(np.asarray(self.array(name)[start:stop]), self.dtype)
-
-
-def default_hidden_dir(out: str) -> Path:
-    p = Path(out)
-    return p.with_name(p.name + ".sequential")
 
 
 def default_hidden_dir(out: str) -> Path:
