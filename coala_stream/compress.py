@@ -1,0 +1,182 @@
+"""`coala-stream compress`: capture, reduce, solve (and refinement) in one resumable command.
+
+For people who just want a compressed model. Its defaults are the recipe that measured
+best on SmolLM2-135M (docs/benchmarks.md, "The output objective, ..."): propagation group
+by group with the output objective (alpha = 0.5), uniform ranks, 25 refinement steps per block. Steps, each resumable on its own, in
+a work directory (default ``OUT.work``, deleted at the end unless ``--keep-work``):
+
+1. with ``--allocate global``: an ordinary (block by block) capture into
+   ``WORK/plain.zarr``, its reduce, and the global allocation of the ranks
+   (`solve.allocate_ranks`, written to ``WORK/ranks.json``): propagation needs every
+   rank before block 0 is compressed;
+2. the propagating capture into ``WORK/prop.zarr`` (`sequential.run_sequential`), which
+   reduces, solves, compresses (and refines) each group as it goes;
+3. `solve.run_solve` of that store with the same settings: it writes exactly the factors
+   the capture applied, in ``--format``.
+
+A killed run rerun with the same command continues where it stopped: finished stores
+are not captured again, a started one resumes, and the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import StoreError, UsageError
+from .export import check_out_dir
+from .files import write_json
+from .reduce import ReduceConfig, run_reduce
+from .sequential import SequentialConfig, run_sequential
+from .solve import DEFAULT_ALPHA, SolveConfig, allocate_ranks, run_solve
+
+MARK = "compress.json"  # marks a work directory as compress's own (it may delete it)
+
+
+def _like(cls, name: str, **changes):
+    """A field with the default, help and choices of ``cls``'s field ``name`` (each option's
+    text exists once), ``changes`` applied (``default``, or metadata keys)."""
+    f = next(x for x in fields(cls) if x.name == name)
+    default = changes.pop("default", f.default)
+    meta = {k: v for k, v in f.metadata.items() if k not in ("group", "exclusive", "required")}
+    return field(default=default, metadata={**meta, **changes})
+
+
+@dataclass
+class CompressConfig:
+    """Settings of one `coala-stream compress`; the CLI's options are generated from it."""
+
+    out: str = field(metadata={"help": "output directory of the compressed model", "metavar": "DIR",
+                               "required": True})
+    ratio: float = field(default=0.2, metadata={
+        "help": "fraction of the decoder linears' parameters to remove, in (0, 1) (SVD-LLM "
+                "convention: 0.2 keeps 80 percent)", "metavar": "F"})
+    model: str | None = _like(SequentialConfig, "model")
+    gguf_file: str | None = _like(SequentialConfig, "gguf_file")
+    data: str = _like(SequentialConfig, "data")
+    text_field: str = _like(SequentialConfig, "text_field")
+    chat_template: bool = _like(SequentialConfig, "chat_template")
+    samples: int = _like(SequentialConfig, "samples")
+    seq_len: int = _like(SequentialConfig, "seq_len")
+    seed: int = _like(SequentialConfig, "seed")
+    dtype: str = _like(SequentialConfig, "dtype")
+    device: str = _like(SequentialConfig, "device")
+    objective: str = _like(SequentialConfig, "objective", default="output")
+    alpha: float | None = _like(SequentialConfig, "alpha")
+    mu: float = _like(SequentialConfig, "mu")
+    method: str = _like(SequentialConfig, "method")
+    allocate: str = _like(SolveConfig, "allocate")
+    refine_steps: int = _like(SequentialConfig, "refine_steps", default=25)
+    refine_lr: float = _like(SequentialConfig, "refine_lr")
+    format: str = _like(SolveConfig, "format")
+    threads: int | None = _like(SolveConfig, "threads")
+    work: str | None = field(default=None, metadata={
+        "help": "work directory for the activation stores (twice the calibration's activations "
+                "with --objective output); default: OUT.work beside the output", "metavar": "DIR"})
+    keep_activations: bool = field(default=False, metadata={
+        "help": "keep every input's activations in the propagating capture's store; by default "
+                "each input's chunks are deleted once its R is saved (capture "
+                "--drop-activations), so the disk holds about one group's activations, not the "
+                "whole calibration's (twice it with --objective output)"})
+    keep_work: bool = field(default=False, metadata={
+        "help": "keep the work directory (the stores, their R factors and applied factors) "
+                "after the output is written"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing output, and start the work directory over"})
+
+    def work_dir(self) -> Path:
+        return Path(self.work) if self.work else Path(self.out).with_name(Path(self.out).name + ".work")
+
+    def capture(self, out: Path, propagate: bool, ranks: Path | None = None) -> SequentialConfig:
+        """The capture of step 1 (``propagate=False``) or 2."""
+        shared = dict(out=str(out), model=self.model, gguf_file=self.gguf_file, data=self.data,
+                      text_field=self.text_field, chat_template=self.chat_template,
+                      samples=self.samples, seq_len=self.seq_len, seed=self.seed,
+                      dtype=self.dtype, device=self.device, threads=self.threads,
+                      overwrite=self.overwrite, sequential=True)
+        if not propagate:
+            return SequentialConfig(**shared)
+        return SequentialConfig(**shared, propagate=True, method=self.method, mu=self.mu,
+                                ratio=None if ranks else self.ratio,
+                                ranks=str(ranks) if ranks else None, objective=self.objective,
+                                alpha=self.alpha, refine_steps=self.refine_steps,
+                                refine_lr=self.refine_lr,
+                                drop_activations=not self.keep_activations)
+
+    def solve(self, out: str, **changes) -> SolveConfig:
+        alpha = None
+        if self.objective == "output":
+            alpha = DEFAULT_ALPHA if self.alpha is None else self.alpha
+        settings = dict(out=out, ratio=self.ratio, method=self.method, mu=self.mu,
+                        objective=self.objective, alpha=alpha,
+                        allocate=self.allocate, format=self.format, device=self._solve_device(),
+                        threads=self.threads, overwrite=self.overwrite)
+        return SolveConfig(**{**settings, **changes})
+
+    def _solve_device(self) -> str:
+        from .devices import resolve_device
+
+        return str(resolve_device(self.device))
+
+    def check(self) -> None:
+        """Every usage error before anything is loaded or written."""
+        check_out_dir(self.out, self.overwrite)
+        self.capture(self.work_dir() / "prop.zarr", True).check()
+        self.solve("-").validate()
+        work = self.work_dir()
+        if work.exists() and not (work / MARK).is_file() and any(work.iterdir()):
+            raise UsageError(f"--work {work} exists and is not a compress work directory; choose "
+                             f"another --work (compress deletes its work directory when done)")
+
+
+def run_compress(config: CompressConfig, progress: bool = True) -> dict:
+    """Compress the model (module docstring); returns a summary with the solve report."""
+    config.check()
+    t0 = time.perf_counter()
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    work = config.work_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(work / MARK, {"out": str(config.out)})
+    steps: dict[str, dict] = {}
+    ranks = None
+    if config.allocate == "global":
+        say("compress: step 1 of 3, an ordinary capture for the global rank allocation")
+        plain = work / "plain.zarr"
+        steps["plain_capture"] = _brief(run_sequential(config.capture(plain, False), progress))
+        steps["plain_reduce"] = _brief(run_reduce(plain, ReduceConfig(
+            device=config._solve_device(), threads=config.threads), progress=progress))
+        report = allocate_ranks(plain, config.solve("-", objective="input", alpha=None),
+                                work / "stage", progress)
+        report["settings"] = {"ratio": config.ratio}
+        ranks = work / "ranks.json"
+        write_json(ranks, report)
+        steps["allocation"] = report["allocation"]
+    say(f"compress: step {2 if ranks else 1} of {3 if ranks else 2}, the propagating capture "
+        f"(compresses group by group as it goes)")
+    prop = work / "prop.zarr"
+    steps["capture"] = _brief(run_sequential(config.capture(prop, True, ranks), progress))
+    say(f"compress: step {3 if ranks else 2} of {3 if ranks else 2}, writing {config.out}")
+    report = run_solve(prop, config.solve(config.out), progress)
+    if not report["allocation"].get("applied_factors"):
+        raise StoreError(f"{prop}: solve did not find the factors the capture applied; rerun with "
+                         f"--overwrite to start over")
+    if not config.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"out": report["out"], "work": None if not config.keep_work else str(work),
+            "seconds": time.perf_counter() - t0, "steps": steps, "report": report}
+
+
+def _brief(summary: dict) -> dict:
+    keep = ("status", "seconds", "stored_bytes", "raw_bytes", "propagate", "bytes_folded")
+    return {k: v for k, v in summary.items() if k in keep}
+
+
+def recipe() -> str:
+    """The default recipe as options (for --help and the summary)."""
+    d = CompressConfig(out="-")
+    alpha = f" --alpha {DEFAULT_ALPHA if d.alpha is None else d.alpha}" if d.objective == "output" else ""
+    return (f"--objective {d.objective}{alpha} --allocate {d.allocate} --mu {d.mu} "
+            f"--refine-steps {d.refine_steps}")
