@@ -168,12 +168,12 @@ def read_data(data: str, text_field: str = "text", chat_template: bool = False) 
     (UsageError for a bad argument) naming the file, line or row, and the fix.
     """
     if data in BUILTIN_NAMES:
-        _plain_only(data, chat_template)
+        _plain_only(data, text_field, chat_template)
         return _text_source(builtin_text(data), _builtin_description(data), "builtin")
     path = Path(data).expanduser()
     if path.is_dir() or path.suffix.lower() in calib_formats.SUFFIXES:
         return _read_records(path, text_field, chat_template)
-    _plain_only(data, chat_template)
+    _plain_only(data, text_field, chat_template)
     return _text_source(_read_text_file(path), str(path.resolve()), "text")
 
 
@@ -192,10 +192,15 @@ def _builtin_description(data: str) -> str:
     return f"{data}: CPython {v.major}.{v.minor} pydoc topics (Python documentation), {part}"
 
 
-def _plain_only(data: str, chat_template: bool) -> None:
+def _plain_only(data: str, text_field: str, chat_template: bool) -> None:
+    """UsageError for a records-only option given with plain text, which would ignore it."""
+    records = "(a .jsonl, .parquet or .arrow file or a dataset directory)"
     if chat_template:
-        raise UsageError(f"--chat-template needs records with a 'messages' field (a .jsonl, "
-                         f".parquet or .arrow file or a dataset directory); {data} is plain text")
+        raise UsageError(f"--chat-template needs records with a 'messages' field {records}; "
+                         f"{data} is plain text")
+    if text_field != "text":
+        raise UsageError(f"--text-field {text_field} names a field of records {records}; "
+                         f"{data} is plain text, so drop --text-field")
 
 
 def _read_text_file(path: Path) -> str:

@@ -523,3 +523,150 @@ def test_shard_errors(draw):
         calib.shard_calibration(draw, 3, 3)
     with pytest.raises(ValueError, match="whole draw"):
         calib.shard_calibration(calib.shard_calibration(draw, 0, 2), 0, 2)
+
+
+# ---------------------------------------------------------------------------
+# Through `coala-stream capture`: the options, what the store records, resume, early errors
+
+CAPTURE = ["--samples", "4", "--seq-len", "32", "--chunk-tokens", "64"]
+
+
+def _capture(model, out, *args) -> int:
+    from coala_stream.cli import main
+
+    return main(["capture", str(model), "--out", str(out), *CAPTURE, *args])
+
+
+def _calibration(out) -> dict:
+    from coala_stream.store import open_store
+
+    with open_store(out) as s:
+        assert s.attrs["capture"]["complete"]
+        return s.attrs["calibration"]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with a chat template in its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat-model")
+    src = tiny_model_dir("float32")
+    for f in src.iterdir():
+        shutil.copy(f, out / f.name)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.chat_template = CHAT
+    tok.save_pretrained(out)
+    return out
+
+
+def test_capture_records_the_calibration_and_refuses_another_field(tiny_model_dir, tmp_path,
+                                                                   texts, capsys):
+    model = tiny_model_dir("float32")
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"body": t, "title": t[:40]} for t in texts])
+    out = tmp_path / "s.zarr"
+    assert _capture(model, out, "--data", str(path), "--text-field", "body") == 0
+    cal = _calibration(out)
+    src = calib.read_data(str(path), text_field="body")
+    assert (cal["source"], cal["sha256"], cal["format"], cal["field"]) == (
+        src.source, src.sha256, "jsonl", "body")
+    assert (cal["chat_template"], cal["shard"], cal["sample_range"], cal["samples"],
+            cal["seq_len"], cal["seed"]) == (False, None, [0, 4], 4, 32, 0)
+    txt = tmp_path / "joined.txt"  # the records joined: the same windows as that text file
+    txt.write_text("\n\n".join(texts), encoding="utf-8")
+    from transformers import AutoTokenizer
+
+    want = calib.calibration_windows(AutoTokenizer.from_pretrained(model), str(txt), 4, 32)
+    assert cal["tokens_sha256"] == want.tokens_sha256
+    assert _capture(model, out, "--data", str(path), "--text-field", "body") == 0
+    assert "already complete" in capsys.readouterr().out
+    assert _capture(model, out, "--data", str(path), "--text-field", "title") == 1
+    err = capsys.readouterr().err
+    assert ("calibration field (--text-field): store has 'body', this run asks for 'title'"
+            in err and err.count("\n") <= 2), err
+    assert _calibration(out) == cal  # the refused run changed nothing
+
+
+def test_a_saved_dataset_and_parquet_give_the_windows_of_the_jsonl(tiny_model_dir, tmp_path,
+                                                                   texts):
+    datasets = pytest.importorskip("datasets")
+    model = tiny_model_dir("float32")
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    got = {}
+    for name, data in (("jsonl", "d.jsonl"), ("arrow", "ds")):
+        assert _capture(model, tmp_path / f"{name}.zarr", "--data", str(tmp_path / data)) == 0
+        got[name] = _calibration(tmp_path / f"{name}.zarr")
+    assert got["arrow"]["format"] == "arrow" and "save_to_disk" in got["arrow"]["source"]
+    for key in ("sha256", "tokens_sha256", "field"):
+        assert got["arrow"][key] == got["jsonl"][key], key
+    if pq is not None:
+        pq.write_table(pa.table({"text": texts}), tmp_path / "d.parquet")
+        assert _capture(model, tmp_path / "p.zarr", "--data", str(tmp_path / "d.parquet")) == 0
+        assert _calibration(tmp_path / "p.zarr")["tokens_sha256"] == got["jsonl"]["tokens_sha256"]
+
+
+def test_chat_template_capture_is_recorded_and_not_resumed_without_it(chat_model_dir, tmp_path,
+                                                                      texts, capsys):
+    rows = [{"messages": m, "text": m[0]["content"]} for m in _chats(texts)]
+    path = _write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "c.zarr"
+    assert _capture(chat_model_dir, out, "--data", str(path), "--chat-template") == 0
+    cal = _calibration(out)
+    assert (cal["chat_template"], cal["field"]) == (True, "messages")
+    assert cal["sha256"] == calib.read_data(str(path), chat_template=True).sha256
+    assert _capture(chat_model_dir, out, "--data", str(path)) == 1
+    assert "--chat-template: store has True, this run asks for False" in capsys.readouterr().err
+
+
+def test_stores_made_before_the_new_calibration_fields_still_resume():
+    from coala_stream.capture import settings_diff
+
+    old = {"calibration": {"source": "t.txt", "sha256": "a", "tokens_sha256": "b",
+                           "samples": 4, "seq_len": 32, "seed": 0}}
+    new = {"calibration": {**old["calibration"], "format": "text", "field": None,
+                           "chat_template": False, "shard": None, "sample_range": [0, 4]}}
+    assert settings_diff(old, new) == []
+    assert settings_diff(old, {"calibration": {**new["calibration"], "chat_template": True}})
+
+
+def _no_model(monkeypatch):
+    from coala_stream import models
+
+    def never(*a, **k):
+        raise AssertionError("the model (config, tokenizer or weights) was loaded")
+    for name in ("load_config", "load_tokenizer", "load_model"):
+        monkeypatch.setattr(models, name, never)
+
+
+@pytest.mark.parametrize("case,extra,code,match", [
+    ("jsonl_missing_field", [], 1, r"d\.jsonl line 1 has no field 'text'"),
+    ("jsonl_all_empty", [], 1, r"all 2 records have an empty 'text'"),
+    ("jsonl_blank_line", [], 1, r"line 2 is empty"),
+    ("jsonl_latin1", [], 1, r"is not UTF-8 \(byte 30, line 2"),
+    ("parquet_missing_column", ["--text-field", "txt"], 1, r"has no field 'txt'"),
+    ("chat_plain_text", ["--chat-template"], 2, r"--chat-template needs records"),
+    ("text_file_field", ["--text-field", "body"], 2, r"--text-field body names a field of "
+                                                     r"records.*plain text, so drop"),
+    ("jsonl_missing_field", ["--text-field", ""], 2, r"--text-field must name the field"),
+    ("jsonl_missing_field", ["--shard", "2/2"], 2, r"--shard takes I/N.*I must be below N"),
+    ("jsonl_missing_field", ["--shard", "0/5"], 2, r"--shard 0/5 splits --samples 4 into 5"),
+])
+def test_bad_data_and_options_fail_in_one_line_before_the_model_loads(tmp_path, monkeypatch,
+                                                                      capsys, case, extra,
+                                                                      code, match):
+    if case.startswith("parquet") and pa is None:
+        pytest.skip("pyarrow is not installed")
+    if case == "text_file_field":
+        path = tmp_path / "t.txt"
+        path.write_text("plain words " * 100)
+    else:
+        path, _ = _bad(tmp_path, case)
+    _no_model(monkeypatch)
+    out = tmp_path / "never.zarr"
+    assert _capture(tmp_path / "any-model", out, "--data", str(path), *extra) == code
+    err = capsys.readouterr().err.strip()
+    assert re.search(match, err) and err.count("\n") <= 1 and "Traceback" not in err, err
+    assert not out.exists()

@@ -28,10 +28,25 @@ class CaptureConfig:
     gguf_file: str | None = field(default=None, metadata={
         "help": "GGUF file inside the MODEL directory", "metavar": "NAME"})
     data: str = field(default=calib.BUILTIN, metadata={
-        "help": "calibration text: 'builtin' (80 percent of CPython's pydoc topics, Python "
+        "help": "calibration data: 'builtin' (80 percent of CPython's pydoc topics, Python "
                 "documentation, about 350k characters; the other 20 percent, 'builtin:heldout', "
-                "is left for eval), 'builtin:all', or the path of a UTF-8 text file",
-        "metavar": "builtin|PATH"})
+                "is left for eval), 'builtin:all', a UTF-8 text file, a JSON Lines (.jsonl), "
+                "Parquet (.parquet) or Arrow (.arrow) file of records, a directory written by "
+                "datasets' Dataset.save_to_disk, or a directory of .jsonl / .parquet files (its "
+                "train split if the file names name splits); records' texts are joined by a "
+                "blank line", "metavar": "builtin|PATH"})
+    text_field: str = field(default="text", metadata={
+        "help": "with records (.jsonl, .parquet, .arrow, a dataset directory): the field that "
+                "holds each record's text", "metavar": "NAME"})
+    chat_template: bool = field(default=False, metadata={
+        "help": "with records: render each record's 'messages' (a list of {role, content}) "
+                "with the tokenizer's chat template instead of reading --text-field, as an "
+                "instruct model sees its conversations"})
+    shard: str | None = field(default=None, metadata={
+        "help": "capture only part I of N (counting from 0) of the calibration samples, for a "
+                "job array on N nodes: the windows are drawn as without --shard (same --samples, "
+                "--seed) and part I gets samples [I*S/N, (I+1)*S/N); reduce each part's store, "
+                "then `coala-stream merge` them into one store for solve", "metavar": "I/N"})
     samples: int = field(default=32, metadata={"help": "number of calibration windows",
                                                "metavar": "N"})
     seq_len: int = field(default=512, metadata={"help": "tokens per window", "metavar": "TOKENS"})
@@ -60,10 +75,12 @@ class CaptureConfig:
     backend: str | None = field(default=None, metadata={
         "help": "default: hdf5 if --out ends in .h5 or .hdf5, else zarr", "choices": BACKENDS})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads for the forward pass; default on a CPU device: the CPUs this "
-                "process may use minus --writers, so the writers have cores to compress on "
-                "(faster overall than all cores, see docs/benchmarks.md); on CUDA: the CPUs "
-                "this process may use", "metavar": "N"})
+        "help": "torch CPU threads; default: the CPUs this process may use (affinity mask, "
+                "cgroup quota, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS) less the cores other "
+                "processes keep busy when the command starts, never more; see the README's "
+                "'Threads'; on a CPU device the forward leaves one of them to each --writers "
+                "thread, so the writers have cores to compress on (faster overall, see "
+                "docs/benchmarks.md)", "metavar": "N"})
     writers: int | None = field(default=None, metadata={
         "help": "writer threads that compress and write chunks, each input always on the same "
                 "one; default: 1 on a CPU device (the forward needs the cores), min(4, cores - 1) "
@@ -116,10 +133,26 @@ class CaptureConfig:
             return 1
         return max(1, min(4, available_cpus() - 1))
 
+    def shard_part(self) -> tuple[int, int] | None:
+        """(I, N) of ``--shard I/N``, None without it; UsageError for a bad value or more
+        parts than samples (some part would be empty)."""
+        if self.shard is None:
+            return None
+        index, count = calib.parse_shard(self.shard)
+        if count > self.samples:
+            raise UsageError(f"--shard {self.shard} splits --samples {self.samples} into {count} "
+                             f"parts, so some would get no samples; use at most {self.samples} "
+                             f"parts or raise --samples to at least {count}")
+        return index, count
+
     def check(self) -> None:
         """Usage errors that need nothing loaded (called before the model or data are read)."""
         if self.samples < 1:
             raise UsageError(f"--samples must be at least 1, got {self.samples}")
         calib.check_seq_len(self.seq_len, None)
+        if self.shard is not None:
+            self.shard_part()
+        if not self.chat_template and not self.text_field:
+            raise UsageError("--text-field must name the field that holds the text, got ''")
         self.resolved_chunk_tokens(), self.resolved_batch_size()
         self.resolved_backend(), self.resolved_device(), self.resolved_writers()

@@ -28,7 +28,7 @@ import torch
 
 from .. import calib, models
 from ..devices import threads_beside_writer, torch_threads
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from ..signals import StopRequests
 from ..store import create_store, open_store
 from .config import CaptureConfig
@@ -60,7 +60,12 @@ def plan_capture(config: CaptureConfig, extra_settings: dict | None = None) -> P
     """Resolve and check everything but the weights; ``extra_settings`` go into the store's
     ``capture_settings`` (an orchestrator's: sequential, propagate)."""
     config.check()
-    data = calib.read_data(config.data)  # bad data fails here, before any model is loaded
+    part = config.shard_part()
+    if part is not None and (extra_settings or {}).get("sequential"):
+        raise UsageError("--shard with --sequential is not supported yet: capture each part "
+                         "without --sequential, or the whole calibration with it")
+    # bad data fails here, before any model is loaded
+    data = calib.read_data(config.data, config.text_field, config.chat_template)
     chunk_tokens, batch_size = config.resolved_chunk_tokens(), config.resolved_batch_size()
     backend, device = config.resolved_backend(), config.resolved_device()
     cfg = models.load_config(config.model)
@@ -68,6 +73,8 @@ def plan_capture(config: CaptureConfig, extra_settings: dict | None = None) -> P
     tokenizer = models.load_tokenizer(config.model)
     cal = calib.calibration_windows(tokenizer, data, config.samples, config.seq_len,
                                     config.seed, models.max_positions(cfg))
+    if part is not None:  # the whole draw first, so every part comes from the same windows
+        cal = calib.shard_calibration(cal, *part)
     attrs = store_attrs(config, cfg, tokenizer, cal, dtype, chunk_tokens, batch_size, device,
                         extra_settings)
     return Plan(chunk_tokens, batch_size, backend, device, dtype, cfg, cal, attrs,
@@ -100,7 +107,7 @@ def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) ->
         summary = summary_of(config, plan)
         state = existing_store(config, plan.backend, plan.attrs)
         if state == "complete":
-            summary.update(status="already complete", samples_before=config.samples,
+            summary.update(status="already complete", samples_before=summary["samples"],
                            raw_bytes=0, seconds=time.perf_counter() - t0)
             return summary
         say(f"loading {config.model.describe()} ({plan.dtype}, {plan.device}) ...")
@@ -126,9 +133,11 @@ def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) ->
 
 
 def summary_of(config: CaptureConfig, plan: Plan) -> dict:
-    return {"store": str(config.out), "backend": plan.backend, "samples": config.samples,
-            "seq_len": config.seq_len, "tokens": config.samples * config.seq_len,
+    samples = len(plan.cal.ids)  # this shard's part with --shard
+    return {"store": str(config.out), "backend": plan.backend, "samples": samples,
+            "seq_len": config.seq_len, "tokens": samples * config.seq_len,
             "dtype": plan.dtype, "device": str(plan.device), "writers": plan.writers,
+            "threads": torch.get_num_threads(),  # the forward's, inside run_capture's setting
             "chunk_tokens": plan.chunk_tokens, "batch_size": plan.batch_size}
 
 
@@ -177,7 +186,7 @@ def _capture_loop(model, store, groups: list[InputGroup], last: str, plan: Plan,
                   crcs: dict[str, list[int]], progress: bool) -> dict:
     """Hook the group leaders and run the batches from sample ``start``.
     Returns byte counts: this run's raw bytes, the whole store's raw and stored bytes."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     dtype = getattr(torch, plan.dtype)
     first_chunk = start * plan.cal.ids.shape[1] // plan.chunk_tokens
@@ -195,8 +204,8 @@ def _capture_loop(model, store, groups: list[InputGroup], last: str, plan: Plan,
 
     mods = dict(model.named_modules())
     handles = [mods[g.name].register_forward_pre_hook(hook(g.name), with_kwargs=True) for g in groups]
-    bar = tqdm(total=len(plan.cal.ids), initial=start, unit="sample", desc="capture",
-               disable=None if progress else True, dynamic_ncols=True)
+    bar = progress_bar(len(plan.cal.ids), "capture", "sample", enabled=progress, initial=start,
+                       dynamic_ncols=True)
     try:
         with StopRequests("capture") as stop:
             try:

@@ -9,7 +9,6 @@ attributes (`store_attrs`); a capture with the same hard settings resumes it
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
@@ -28,6 +27,11 @@ HARD_SETTINGS = (
     ("model config sha256", ("model", "config_sha256")),
     ("calibration text sha256", ("calibration", "sha256")),
     ("calibration tokens sha256", ("calibration", "tokens_sha256")),
+    # the hashes already cover the field's text and the rendered chat; these make the refusal
+    # say which option changed. Stores made before these were recorded read as the defaults.
+    ("calibration field (--text-field)", ("calibration", "field")),
+    ("--chat-template", ("calibration", "chat_template"), False),
+    ("--shard", ("calibration", "shard")),
     ("samples", ("calibration", "samples")),
     ("seq_len", ("calibration", "seq_len")),
     ("seed", ("calibration", "seed")),
@@ -37,20 +41,22 @@ HARD_SETTINGS = (
     # --propagate makes other activations (from compressed blocks) and another store:
     # None for an ordinary capture, so the two never resume or stand in for each other
     ("propagate", ("capture_settings", "propagate")),
+    # a store made by `coala-stream merge` holds no activations: a capture never resumes it
+    ("made by coala-stream merge from shards", ("capture_settings", "merged_shards")),
 )
 
 
-def _get(attrs: dict, path: tuple):
+def _get(attrs: dict, path: tuple, default=None):
     for k in path:
-        attrs = attrs.get(k) if isinstance(attrs, dict) else None
+        attrs = attrs.get(k, default) if isinstance(attrs, dict) else default
     return attrs
 
 
 def settings_diff(stored: dict, wanted: dict) -> list[str]:
     """'label: store has X, this run asks for Y' for each hard setting that differs."""
     out = []
-    for label, path in HARD_SETTINGS:
-        a, b = _get(stored, path), _get(wanted, path)
+    for label, path, *default in HARD_SETTINGS:
+        a, b = _get(stored, path, *default), _get(wanted, path, *default)
         if a != b:
             out.append(f"{label}: store has {a!r}, this run asks for {b!r}")
     return out
@@ -65,9 +71,9 @@ def store_attrs(config: CaptureConfig, cfg, tokenizer, cal: calib.Calibration, d
     return {
         "model": models.model_attrs(config.model, cfg),
         "tokenizer": models.tokenizer_attrs(tokenizer),
-        "calibration": {"source": cal.source, "sha256": cal.sha256,
-                        "tokens_sha256": cal.tokens_sha256, "text_tokens": cal.text_tokens,
-                        "samples": config.samples, "seq_len": config.seq_len, "seed": config.seed},
+        # samples is the whole draw's count; a --shard part's own is its sample_range
+        "calibration": {**cal.attrs(), "samples": config.samples, "seq_len": config.seq_len,
+                        "seed": config.seed},
         "dtype": dtype,
         "chunk_tokens": chunk_tokens,
         "capture": {"samples_done": 0, "complete": False},
