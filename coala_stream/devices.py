@@ -6,8 +6,11 @@ other processes are using right now. OpenMP threads wait for each other at the e
 operation, so one thread descheduled by another process stalls them all; on 2 shared cores
 that made the quickstart ~10x slower. The default is therefore the CPU budget
 (`cpu_budget`) less the cores other processes keep busy right now (`busy_elsewhere`),
-never below 1 (`default_threads`). The budget functions do not import torch, so a CLI can
-call them (and `configure_openmp_env`) before torch is loaded.
+never below 1 (`default_threads`). The CLI applies it once per command (`choose_threads`,
+then `torch_threads` with the count); inside the library ``threads=None`` keeps the caller's
+torch setting, so a Python user's ``torch.set_num_threads`` is never overridden. The budget
+functions do not import torch, so a CLI can call them (and `configure_openmp_env`) before
+torch is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     import torch
+
+# The one wording of the rule in every compute subcommand's --threads help.
+THREADS_RULE = ("default: the CPUs this process may use (affinity mask, cgroup quota, "
+                "SLURM_CPUS_PER_TASK, OMP_NUM_THREADS) less the cores other processes keep "
+                "busy when the command starts, never more; see the README's 'Threads'")
 
 # Module-level so tests can point them at a tmp dir.
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -183,16 +191,23 @@ def default_threads(sample_seconds: float = 0.2) -> tuple[int, str]:
         return budget, why
     others = busy_elsewhere(sample_seconds)
     threads = max(1, min(budget, budget - math.floor(others + 0.5)))
-    return threads, f"{why}; {others:.1f} cores busy elsewhere -> {threads} threads"
+    return threads, (f"{why}; {others:.1f} cores busy elsewhere -> {threads} "
+                     f"thread{'' if threads == 1 else 's'}")
 
 
 def resolve_threads(threads: int | None) -> int:
     """``--threads``: an explicit value (at least 1), else `default_threads`."""
+    return choose_threads(threads)[0]
+
+
+def choose_threads(threads: int | None) -> tuple[int, str]:
+    """(``--threads`` resolved, why) for a command's log: an explicit value (at least 1) is
+    taken as given; None follows `default_threads`."""
     if threads is None:
-        return default_threads()[0]
+        return default_threads()
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    return threads
+    return threads, "--threads"
 
 
 def configure_openmp_env() -> bool:
@@ -209,7 +224,11 @@ def configure_openmp_env() -> bool:
 
 @contextmanager
 def torch_threads(threads: int | None):
-    """Run the block with ``threads`` torch CPU threads (None: leave them), then restore them."""
+    """Run the block with ``threads`` torch CPU threads (None: leave them), then restore them.
+
+    None keeps the caller's setting on purpose: a library call must not override what a
+    Python user set with ``torch.set_num_threads``; the CLI resolves None by the rule
+    (`choose_threads`) and passes the count, and tests pin one thread around calls."""
     import torch
 
     if threads is not None and threads < 1:
@@ -229,9 +248,12 @@ def threads_beside_writer(threads: int | None, device: torch.device, writers: in
     Explicit ``threads`` win. On CPU the default leaves a core to each writer: torch's
     OpenMP threads wait for each other at every operation, so one of them descheduled
     by a writer stalls them all (SmolLM2 capture on 2 cores: 35.5 s with 2 threads,
-    29.6 s with 1, as fast as the plain forward on 1). On CUDA the CPU is left alone.
-    The cores start from `default_threads` (budget less what others use), not torch's count.
+    29.6 s with 1, as fast as the plain forward on 1). The cores are the caller's torch
+    setting (the CLI sets it by the thread rule, `choose_threads`), so the load is sampled
+    once per command. On CUDA the CPU is left alone.
     """
+    import torch
+
     if threads is not None or device.type != "cpu":
         return threads
-    return max(1, default_threads()[0] - writers)
+    return max(1, torch.get_num_threads() - writers)

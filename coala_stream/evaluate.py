@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from . import calib, export, models
-from .devices import resolve_device, torch_threads
+from .devices import THREADS_RULE, resolve_device, torch_threads
 from .errors import CoalaError, UsageError
+from .progress import bar as progress_bar
 
 
 @dataclass
@@ -58,8 +59,7 @@ class EvalConfig:
                                                  "metavar": "N"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch CPU threads (default: the CPUs this process may use, see the README's "
-                "'Threads')", "metavar": "N"})
+        "help": f"torch CPU threads; {THREADS_RULE}", "metavar": "N"})
     dtype: str = field(default="auto", metadata={
         "help": "auto: the saved dtype (GGUF loads as float32)",
         "choices": ("auto", *models.DTYPES)})
@@ -81,12 +81,14 @@ class PerplexityResult:
     dtype: str
     device: str
     seconds: float
+    threads: int  # torch CPU threads it ran on
 
     def line(self) -> str:
         name = self.data.split(": ", 1)[0] + " text" if self.data.startswith("builtin") \
             else Path(self.data).name
         return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens of {name} "
-                f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s)")
+                f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s, "
+                f"{self.threads} torch thread{'' if self.threads == 1 else 's'})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +109,6 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
     Window i is ``ids[i*seq_len:(i+1)*seq_len]``; its first token is context
     only. Logits are upcast to float32 for the log-softmax.
     """
-    from tqdm.auto import tqdm
-
     windows = ids.numel() // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)
@@ -117,7 +117,7 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
                          f"--seq-len {seq_len}; use a longer text or a shorter --seq-len")
     batches = ids[: windows * seq_len].view(windows, seq_len).split(batch_size)
     total = 0.0
-    with tqdm(total=windows, desc="eval", unit="win", disable=None if progress else True) as bar:
+    with progress_bar(windows, "eval", "window", enabled=progress) as bar:
         for batch in batches:
             batch = batch.to(device)
             logits = model(input_ids=batch).logits.float()
@@ -173,9 +173,10 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True, **override
         net.to(device)
         res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
                          config.batch_size, progress)
+        threads = torch.get_num_threads()
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     return PerplexityResult(data=source, model=name, model_format=fmt, seq_len=config.seq_len,
-                            dtype=dtype, device=str(device),
+                            dtype=dtype, device=str(device), threads=threads,
                             seconds=time.perf_counter() - t0, **res)
 
 
@@ -188,7 +189,10 @@ def _validate(config: EvalConfig) -> None:
         raise UsageError(f"--dtype must be auto or one of {', '.join(models.DTYPES)}, "
                          f"got {config.dtype!r}")
     if config.model is not None and not Path(config.model).expanduser().exists():
-        raise CoalaError(f"model not found: {config.model} does not exist (give a model directory, "
-                         f"a .gguf file, a solve output, or omit MODEL for the embedded SmolLM2)")
+        hint = models.hub_hint(config.model)
+        raise CoalaError(f"model not found: {config.model} is not a local path; {hint}" if hint
+                         else f"model not found: {config.model} does not exist (give a model "
+                              f"directory, a .gguf file, a solve output, or omit MODEL for the "
+                              f"embedded SmolLM2)")
 
 

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,12 @@ class ModelSpec:
             return embedded_model_dir(), EMBEDDED_GGUF
         d = Path(self.path)
         if not d.exists():
-            raise CoalaError(f"model not found: {d} does not exist" + hub_hint(self.given or str(d))
-                             + " (give a local Hugging Face model directory, a .gguf file, or "
-                               "omit MODEL for the embedded SmolLM2)")
+            hint = hub_hint(self.given or str(d))
+            raise CoalaError(f"model not found: {self.given or d} is not a local path; {hint}"
+                             if hint else
+                             f"model not found: {d} does not exist (give a local Hugging Face "
+                             f"model directory, a .gguf file, or omit MODEL for the embedded "
+                             f"SmolLM2)")
         if not d.is_dir():
             raise CoalaError(f"model not found: {d} is not a directory or a .gguf file")
         if self.gguf_file is not None:
@@ -85,7 +89,7 @@ class ModelSpec:
                 raise CoalaError(f"model not found: no GGUF file {self.gguf_file!r} in {d}"
                                  f" (GGUF files there: {', '.join(found) or 'none'})")
         elif not (d / "config.json").is_file():
-            hint = (f"; it holds GGUF files, pass one with --gguf-file" if any(d.glob("*.gguf"))
+            hint = ("; it holds GGUF files, pass one with --gguf-file" if any(d.glob("*.gguf"))
                     else "")
             raise CoalaError(f"model not found: {d} has no config.json, so it is not a Hugging "
                              f"Face model directory{hint}")
@@ -106,13 +110,13 @@ class ModelSpec:
 
 
 def hub_hint(given: str) -> str:
-    """For a name that looks like a Hub id (ORG/NAME, not a local path): say that only local
-    models are read and how to get one."""
+    """For a name that looks like a Hub id (ORG/NAME, not a local path): that only local
+    models are read, and the command that makes one ("" for anything else)."""
     parts = given.split("/")
     if len(parts) == 2 and all(parts) and not given.startswith((".", "~")) and not Path(given).exists():
-        return (f"; {given!r} looks like a Hugging Face Hub id, but coala-stream reads only local "
-                f"models (no downloads at run time): download it first with "
-                f"`hf download {given} --local-dir ./{parts[1]}` and pass ./{parts[1]}")
+        return (f"only local models are read (no downloads at run time); download it first "
+                f"with `huggingface-cli download {given} --local-dir ./{parts[1]}` (or `hf "
+                f"download ...`, same arguments) and pass the directory ./{parts[1]}")
     return ""
 
 
@@ -210,7 +214,8 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     """The causal LM in eval mode, on ``device``, in ``dtype`` (a torch dtype or its name).
 
     Pass the ``config`` from `load_config` to avoid parsing a GGUF file twice;
-    ``progress=False`` hides transformers' loading bars.
+    ``progress=False`` hides transformers' loading bars, and so does a stderr that is not a
+    terminal: in a batch log they are noise (the caller logs "loading ..." instead).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -222,7 +227,7 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     if config is not None:
         kwargs["config"] = config
     bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
+    if not (progress and sys.stderr.isatty()):
         hf_logging.disable_progress_bar()
     try:
         with offline():

@@ -9,7 +9,7 @@ whether solve accepts it). Reads attributes and reduce-file headers, no data.
 from __future__ import annotations
 
 from .capture import capture_state
-from .reduce import result_state
+from .reduce import MERGED_FROM, result_state
 from .reduce.result import RESTART_HINT
 from .store import format as fmt
 
@@ -45,10 +45,14 @@ def store_status(store) -> dict:
         "chunk_tokens": attrs.get("chunk_tokens"),
         "capture": {
             "samples_done": int(capture.get("samples_done", 0)),
-            "samples": calibration.get("samples"),
+            "samples": _samples(calibration),
             "complete": bool(capture.get("complete", False)),
             **capture_state(store.path, attrs),
         },
+        # a store made by `coala-stream merge`: the shards whose R's it holds, no activations
+        "merged_from": attrs.get(MERGED_FROM),
+        # capture --propagate: the compression applied while capturing, and its factors
+        "propagate": _propagate(store, attrs),
         "reduce_dir": str(store.reduce_dir),
         "totals": {
             "inputs": len(inputs),
@@ -60,6 +64,16 @@ def store_status(store) -> dict:
         },
         "inputs": inputs,
     }
+
+
+def _propagate(store, attrs: dict) -> dict | None:
+    settings = (attrs.get("capture_settings") or {}).get("propagate")
+    if not settings:
+        return None
+    blocks = sorted(store.applied_dir.glob("block-*.safetensors")) if store.applied_dir.is_dir() else []
+    return {**{k: v for k, v in settings.items() if k != "ranks"},
+            "ranks": "from a report" if settings.get("ranks") else None,
+            "applied_dir": str(store.applied_dir), "applied_blocks": len(blocks)}
 
 
 def _input_status(store, name: str) -> dict:
@@ -74,6 +88,8 @@ def _input_status(store, name: str) -> dict:
         "name": name,
         "consumers": info.consumers,
         "n": info.n,
+        "pair": info.pair,
+        "dropped_chunks": info.dropped,
         "tokens": info.tokens,
         "chunks": info.num_chunks,
         "raw_bytes": info.tokens * info.n * itemsize,
@@ -87,3 +103,11 @@ def _count_states(inputs: list[dict]) -> dict:
     for i in inputs:
         counts[i["reduce"]["state"]] = counts.get(i["reduce"]["state"], 0) + 1
     return counts
+
+
+def _samples(calibration: dict):
+    """Samples this store's capture covers: a ``--shard`` part's own, else all of them."""
+    part = calibration.get("sample_range")
+    if calibration.get("shard") and part:
+        return int(part[1]) - int(part[0])
+    return calibration.get("samples")

@@ -88,3 +88,14 @@ def test_package_import_is_light_and_pipeline_names_resolve():
             "assert callable(c.open_store) and callable(c.run_reduce) and callable(c.load_model); "
             "assert callable(c.run_capture) and callable(c.run_solve) and callable(c.perplexity)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", [n for n in SUBCOMMANDS if n not in ("status", "merge")])
+def test_every_compute_command_states_the_thread_rule_in_the_same_words(name, capsys):
+    from coala_stream.devices import THREADS_RULE
+
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    threads_help = out[out.index("--threads N"):]
+    assert " ".join(THREADS_RULE.split()) in threads_help, threads_help[:400]

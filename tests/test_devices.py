@@ -111,7 +111,8 @@ def test_default_threads_leaves_the_busy_cores(node, monkeypatch, budget, others
     monkeypatch.setattr(devices, "busy_elsewhere", lambda seconds=0.2: others)
     threads, why = devices.default_threads()
     assert threads == expected
-    assert f"{others:.1f} cores busy elsewhere -> {expected} threads" in why
+    assert why.endswith(f"{others:.1f} cores busy elsewhere -> {expected} "
+                        f"thread{'' if expected == 1 else 's'}")
 
 
 def test_default_threads_trusts_omp_num_threads(node, monkeypatch):
@@ -143,15 +144,23 @@ def test_torch_threads_keeps_none_and_rejects_zero():
             pass
 
 
-def test_threads_beside_writer(node, monkeypatch):
+def test_threads_beside_writer_leaves_the_writers_cores_of_the_callers_threads():
     import torch
 
-    monkeypatch.setattr(devices, "busy_elsewhere", lambda seconds=0.2: 0.0)
     cpu = torch.device("cpu")
-    assert devices.threads_beside_writer(None, cpu) == 3
-    assert devices.threads_beside_writer(None, cpu, writers=8) == 1
-    assert devices.threads_beside_writer(2, cpu) == 2
-    assert devices.threads_beside_writer(None, torch.device("cuda")) is None
+    with devices.torch_threads(4):  # what the CLI set by the rule
+        assert devices.threads_beside_writer(None, cpu) == 3
+        assert devices.threads_beside_writer(None, cpu, writers=8) == 1
+        assert devices.threads_beside_writer(2, cpu) == 2
+        assert devices.threads_beside_writer(None, torch.device("cuda")) is None
+
+
+def test_choose_threads_says_why(node, monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    monkeypatch.setattr(devices, "busy_elsewhere", lambda seconds=0.2: pytest.fail("sampled"))
+    assert devices.choose_threads(None) == (1, "affinity 4, cgroup quota none, "
+                                               "SLURM_CPUS_PER_TASK 1, OMP_NUM_THREADS unset")
+    assert devices.choose_threads(5) == (5, "--threads")
 
 
 def test_configure_openmp_env(monkeypatch):

@@ -210,3 +210,21 @@ def test_adapter_config_patterns_for_mixed_ranks():
                                 {"architectures": ["LlamaForCausalLM"]})
     assert cfg["r"] == cfg["lora_alpha"] == 8
     assert cfg["rank_pattern"] == cfg["alpha_pattern"] == {"a.v": 4}
+
+
+def test_every_format_is_readable_by_others_under_umask_022(tied, tmp_path):
+    # safetensors' save_file makes 0600 files whatever the umask: colleagues on a shared
+    # cluster could not read the model; every file must get what open() would give
+    path, _, Rs, ranks, _ = tied
+    umask = os.umask(0o022)
+    try:
+        for fmt in export.WRITERS:
+            write(fmt, path, tmp_path / fmt, ranks, Rs)
+    finally:
+        os.umask(umask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert sum(p.suffix == ".safetensors" for p in files) >= len(export.WRITERS)
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o644}
+    assert not wrong
+    assert all(p.stat().st_mode & 0o777 == 0o755 for p in tmp_path.rglob("*") if p.is_dir())

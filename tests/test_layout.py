@@ -17,11 +17,12 @@ LAYERS = {
     "_version": 0, "errors": 0, "files": 0, "signals": 0, "progress": 0, "devices": 0,
     "linalg": 1, "baselines": 1, "objective": 1,
     "store": 2, "checkpoint": 2, "calib": 2, "calib_formats": 2, "models": 2,
-    "weights": 3,
+    "weights": 3, "applied": 3,
     "reduce": 4, "capture": 4, "export": 4,
     "solve": 5,
-    "sequential": 6, "status": 6, "evaluate": 6,
-    "cli": 7, "__main__": 7, "__init__": 7,
+    "sequential": 6, "status": 6, "evaluate": 6, "merge": 6,
+    "compress": 7,
+    "cli": 8, "__main__": 8, "__init__": 8,
 }
 
 

@@ -16,7 +16,7 @@ from .._version import __version__
 from ..errors import CoalaError, Interrupted
 
 # Order is the order shown in --help: the pipeline, then inspection.
-SUBCOMMANDS = ("capture", "reduce", "solve", "eval", "status")
+SUBCOMMANDS = ("compress", "capture", "reduce", "merge", "solve", "eval", "status")
 
 DESCRIPTION = """\
 Context-aware low-rank compression of LLMs without the Gram matrix (COALA).

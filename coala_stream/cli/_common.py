@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 
 
 def add_parser(subparsers, name: str, summary: str, description: str, epilog: str = ""):
@@ -23,3 +24,16 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
         if action.default is None or isinstance(action.default, bool):
             return action.help
         return super()._get_help_string(action)
+
+
+@contextmanager
+def command_threads(threads: int | None):
+    """Apply the thread rule once per command (`devices.choose_threads`); yields the line
+    for the closing summary ("threads: N (why)"). The library's ``threads=None`` keeps the
+    caller's torch setting, so the CLI is where the rule becomes the default. The count is
+    restored afterwards, so ``main()`` called in-process leaves the caller's setting."""
+    from ..devices import choose_threads, torch_threads
+
+    count, why = choose_threads(threads)
+    with torch_threads(count):
+        yield f"threads: {count} ({why})"

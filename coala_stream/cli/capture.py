@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from ._common import add_parser
+from ._common import add_parser, command_threads
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -51,13 +50,17 @@ def run(args) -> int:
     from ..sequential import SequentialConfig, run as run_capture
 
     config = config_from_args(SequentialConfig, args)
-    s = run_capture(config, progress=True)
+    with command_threads(config.threads) as threads:
+        s = run_capture(config, progress=True)
     if s["status"] == "already complete":
         print(f"{s['store']}: already complete ({s['samples']} samples x {s['seq_len']} tokens); "
               f"nothing to do")
     else:
         print(f"{s['store']}: {s['inputs']} inputs, {s['samples']} samples x {s['seq_len']} tokens "
-              f"({s['dtype']}, {s['backend']}{_how(s)}) in {s['seconds']:.1f} s")
+              f"({s['dtype']}, {s['backend']}{_how(s)}) in {s['seconds']:.1f} s"
+              + (f"; {s['stored_bytes'] / 1e6:.1f} MB on disk" if "stored_bytes" in s else ""))
+        print(f"{threads}; the forward ran on {s['threads']} beside {s['writers']} writer "
+              f"thread{'' if s['writers'] == 1 else 's'}")
     print(f"next: coala-stream reduce {s['store']}" if not s.get("propagate") else
           f"next: coala-stream solve {s['store']} --out DIR with the same compression settings")
     sys.stdout.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import add_parser
+from ._common import add_parser, command_threads
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -48,7 +48,8 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    result = evaluate(config, progress=not args.quiet)
+    with command_threads(config.threads):  # the line says the count (one line: see --help)
+        result = evaluate(config, progress=not args.quiet)
     if args.json:
         print(result.line(), file=sys.stderr)
         print(json.dumps(result.to_dict()))

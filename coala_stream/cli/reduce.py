@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_parser
+from ._common import add_parser, command_threads
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -17,8 +17,9 @@ ever held. Each input's R (plus column sums of |x| for ASVD, and with
 STORE/reduce/<input>.safetensors, which is also the checkpoint.
 
 A run killed at any moment resumes from its last checkpoint when the same
-command is run again, and ends with the same R bit for bit (same machine and
-device). SIGINT/SIGTERM save a checkpoint and exit with code 75. Finished
+command is run again, and ends with the same R bit for bit (same machine,
+device and --threads; the default thread count follows the load, see --threads).
+SIGINT/SIGTERM save a checkpoint and exit with code 75. Finished
 inputs are skipped. One reduce per store at a time (a lock in STORE/reduce/).
 
 With --workers or --scheduler, chunk ranges fold on Dask workers and merge in
@@ -50,19 +51,25 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..reduce import ReduceConfig, run_reduce
 
-    s = run_reduce(args.store, config_from_args(ReduceConfig, args), progress=True)
+    config = config_from_args(ReduceConfig, args)
+    with command_threads(config.threads) as threads:
+        s = run_reduce(args.store, config, progress=True)
     actions = [v["action"] for v in s["inputs"].values()]
     counts = ", ".join(f"{actions.count(a)} {a}" for a in ("folded", "resumed", "extended", "skipped")
                        if a in actions)
     print(f"{s['store']}: {len(actions)} inputs ({counts or 'none'}); {s['bytes_folded'] / 1e9:.3f} GB "
           f"folded in {s['seconds']:.1f} s ({s['gb_per_s']:.3f} GB/s, {s['mode']}, {s['device']}, "
           f"{s['dtype']}) -> {s['reduce_dir']}")
+    print(threads + ("; the Dask workers use their own" if s["mode"] == "dask" else ""))
     cap = s["capture"]
     if not cap["complete"]:
         print(f"note: the capture of {s['store']} is not complete ({cap['samples_done']} of "
               f"{cap['samples']} samples committed for every input): R covers what was committed; "
               f"finish the capture, then rerun reduce (it extends these results)")
     else:
+        if cap.get("merged_shards"):
+            print(f"note: {s['store']} was merged from {cap['merged_shards']} shards by "
+                  f"coala-stream merge and holds no activations: nothing to fold")
         print(f"next: coala-stream solve {s['store']} --ratio F --out DIR")
     sys.stdout.flush()
     return 0

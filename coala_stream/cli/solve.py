@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import add_parser
+from ._common import add_parser, command_threads
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -56,12 +56,33 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    report = run_solve(args.store, config, progress=not args.quiet)
+    with command_threads(config.threads) as threads:
+        report = run_solve(args.store, config, progress=not args.quiet)
     if args.json:
         print(json.dumps(report))
     else:
         print(format_table(report))
-        print(f"wrote {report['out']} ({config.format}, {config.method}) in {report['seconds']:.1f} s")
-        print(f"next: coala-stream eval {report['out']}")
+        print(f"wrote {report['out']} ({config.format}, {config.method}; {_files(report['out'])}) "
+              f"in {report['seconds']:.1f} s")
+        print(threads)
+        print(f"next: coala-stream eval {report['out']}" + _load_hint(config.format, report['out']))
     sys.stdout.flush()
     return 0
+
+
+def _files(out: str) -> str:
+    from pathlib import Path
+
+    files = [p for p in Path(out).rglob("*") if p.is_file()]
+    return f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB"
+
+
+def _load_hint(fmt: str, out: str) -> str:
+    """How the output loads outside coala-stream: the first thing a user tries next."""
+    return {
+        "factorized": f"; from Python: AutoModelForCausalLM.from_pretrained({out!r}, "
+                      f"trust_remote_code=True) or coala_stream.load_model({out!r})",
+        "dense": f"; from Python: AutoModelForCausalLM.from_pretrained({out!r})",
+        "peft": f"; from Python: PeftModel.from_pretrained(base, {out + '/adapter'!r}) with base "
+                f"= AutoModelForCausalLM.from_pretrained({out + '/base'!r})",
+    }.get(fmt, "")

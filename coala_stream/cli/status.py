@@ -51,14 +51,18 @@ def render(s: dict) -> str:
         f"calibration {calib.get('source', '?')}: {calib.get('samples', '?')} x "
         f"{calib.get('seq_len', '?')} tokens, seed {calib.get('seed', '?')}",
         f"dtype       {s['dtype']}, chunks of {s['chunk_tokens']} tokens",
-        f"capture     {_capture_line(cap)}",
+        f"capture     {_capture_line(cap)}{_shard(calib)}",
+        *_merged(s.get("merged_from")),
+        *_propagate(s.get("propagate")),
         f"reduce      {_reduce_summary(tot)}  ({s['reduce_dir']})",
         f"size        {tot['inputs']} inputs, {_mb(tot['raw_bytes'])} raw, {_mb(tot['stored_bytes'])} "
         f"on disk (ratio {tot['ratio'] or '-'})",
         "",
     ]
     rows = [("input", "read by", "n", "tokens", "chunks", "on disk", "reduce")]
-    rows += [(i["name"], _consumers(i), str(i["n"]), str(i["tokens"]), str(i["chunks"]),
+    rows += [(i["name"], _consumers(i), f"{i['n'] // 2}x2" if i.get("pair") else str(i["n"]),
+              str(i["tokens"]), str(i["chunks"])
+              + (f" ({i['dropped_chunks']} dropped)" if i.get("dropped_chunks") else ""),
               _mb(i["stored_bytes"]), _reduce_line(i["reduce"])) for i in s["inputs"]]
     return "\n".join(lines + _table(rows))
 
@@ -71,6 +75,33 @@ def _capture_line(cap: dict) -> str:
     if cap.get("state") == "running":
         return f"running ({cap['detail']}): {done} of {total} samples committed"
     return f"interrupted: {done} of {total} samples committed; {cap.get('detail', '')}"
+
+
+def _shard(calib: dict) -> str:
+    if not calib.get("shard"):
+        return ""
+    (i, n), (a, b) = calib["shard"], calib.get("sample_range") or ("?", "?")
+    return f", part {i}/{n} (--shard): samples {a} to {b} of {calib.get('samples', '?')}"
+
+
+def _merged(merged: list | None) -> list[str]:
+    if not merged:
+        return []
+    return [f"merged      from {len(merged)} shards by coala-stream merge; holds their merged R's "
+            f"and no activations (reduce has nothing to fold): "
+            + ", ".join(m["path"] for m in merged)]
+
+
+def _propagate(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    size = f"ranks {p['ranks']}" if p.get("ranks") else (
+        f"ratio {p['ratio']}" if p.get("ratio") is not None else f"rank {p.get('rank')}")
+    objective = p.get("objective", "input")
+    alpha = f" alpha {p['alpha']}" if objective == "output" else ""
+    refine = f", refined {p['refine_steps']} steps per block" if p.get("refine_steps") else ""
+    return [f"propagate   {p.get('method')}, {size}, objective {objective}{alpha}, mu {p.get('mu')}"
+            f"{refine}; factors of {p['applied_blocks']} blocks in {p['applied_dir']}"]
 
 
 def _reduce_summary(totals: dict) -> str:

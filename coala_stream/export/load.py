@@ -132,11 +132,17 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if detect_format(path) == "peft":
+    kind = detect_format(path)
+    if kind == "peft":
         path = path / "base"
+    # A factorized config names our modeling code; AutoTokenizer would read it and warn that
+    # it is "a model of type coala_stream_lowrank": give it the base architecture's config.
+    extra = {"config": base_config(json.loads((path / "config.json").read_text()))} \
+        if kind == "factorized" else {}
     try:
         with models.offline():
-            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                 trust_remote_code=False, **extra)
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot load a tokenizer from {path}: {exc}") from exc
 

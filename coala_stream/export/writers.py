@@ -28,7 +28,7 @@ import torch
 
 from .._version import __version__
 from ..files import save_safetensors, write_json
-from ..weights import INDEX_FILE, SINGLE_FILE, LazyWeights
+from ..weights import INDEX_FILE, LazyWeights
 from .remote_code import remote_code
 
 SECTION = "coala_stream"  # the config.json key of our metadata
