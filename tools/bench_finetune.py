@@ -219,9 +219,9 @@ def lora_layers(model):
 
 def init_check(model, model_dir: Path) -> dict:
     """Adapter shape/scaling summary and max_l ||W_base + s B A - W_orig||_F / ||W_orig||_F."""
-    from coala_stream.export import ShardedCheckpoint
+    from coala_stream.weights import LazyWeights
 
-    source = ShardedCheckpoint(model_dir)
+    source = LazyWeights(model_dir)
     layers = lora_layers(model)
     worst, scalings, ranks, modules = 0.0, set(), set(), set()
     for name, m in layers:

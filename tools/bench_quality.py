@@ -123,10 +123,10 @@ def measured(*args: str) -> list[str]:
 def stage_model(work: Path, runner: Runner) -> Path:
     """The embedded GGUF de-quantised once into an HF directory (float32 safetensors)."""
     target = work / "smollm2-135m-hf"
-    code = ("import sys; from pathlib import Path; from coala_stream import export, models;"
+    code = ("import sys; from pathlib import Path; from coala_stream import models, weights;"
             "spec = models.ModelSpec.from_args(None);"
             "m = models.load_model(spec, 'float32', progress=False);"
-            "export.save_loaded(m, Path(sys.argv[1])); models.load_tokenizer(spec).save_pretrained(sys.argv[1])")
+            "weights.save_loaded(m, Path(sys.argv[1])); models.load_tokenizer(spec).save_pretrained(sys.argv[1])")
     if not (target / "config.json").exists():
         runner.run("stage-model", [sys.executable, "-c", code, str(target)])
     return target

@@ -117,10 +117,10 @@ def real_inputs(store_path: Path, model_dir: Path | None, pattern: str, max_rows
     import re
 
     from coala_stream import open_store
-    from coala_stream.export import ShardedCheckpoint
+    from coala_stream.weights import LazyWeights
 
     store = open_store(store_path)
-    weights = ShardedCheckpoint(model_dir or Path(store.attrs["model"]["path"]))
+    weights = LazyWeights(model_dir or Path(store.attrs["model"]["path"]))
     for name in [nm for nm in store.inputs if re.search(pattern, nm)]:
         parts, rows = [], 0
         for chunk in store.iter_chunks(name):

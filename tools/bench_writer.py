@@ -4,7 +4,7 @@ No model runs. One chunk of every input (a "chunk set", what one commit covers) 
 held in memory, either read from an existing store (``--source``: real activations,
 their real compressibility) or made up (Gaussian columns with scales 1 to 0.01 and
 1 % outlier columns, in the widths of ``--widths``), and written ``--sets`` times
-through capture's own writer (`capture._Writer`: its queues, its input-to-thread
+through capture's own writer (`capture.ChunkWriter`: its queues, its input-to-thread
 assignment, a commit per set) into a fresh zarr store, for each ``--writers`` count,
 interleaved ``--repeats`` times (the minimum is reported).
 
@@ -61,8 +61,8 @@ def write_sets(work: Path, chunks: list[torch.Tensor], dtype: str, rows: int, se
             store.create_input(name, c.shape[1], [name])
         crcs = {name: [] for name in names}
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        w = capture._Writer(store, crcs, {name: c.shape[1] for name, c in zip(names, chunks)},
-                            chunks[0].element_size(), writers)
+        w = capture.ChunkWriter(store, crcs, {name: c.shape[1] for name, c in zip(names, chunks)},
+                                chunks[0].element_size(), writers)
         try:
             for k in range(sets):
                 for name, c in zip(names, chunks):
