@@ -23,8 +23,10 @@ thread (signal's rule); elsewhere the block is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 from .errors import Interrupted
 
@@ -102,3 +104,41 @@ def requested() -> bool:
     """True once the outermost active block got a signal (for loops that stop at their next
     safe point and then `check`)."""
     return bool(_active) and _active[0].signame is not None
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold off every Python-level signal handler for a short critical section (a store's
+    commit), then deliver what arrived, in order, once it is over.
+
+    A handler that raises (Python's default SIGINT handler does, and so do a library
+    user's) would otherwise interrupt a metadata write half-way: zarr's synchronous API
+    waits on a coroutine in another thread, and an exception there leaves the coroutine's
+    effect unknown. Deferred, the section completes or a kill -9 stops it, which the
+    store's commit protocol already survives. Signals whose disposition is the OS default
+    or ignore are left as they are (no Python code runs for them). Main thread only
+    (signal's rule); elsewhere a no-op, since handlers run in the main thread anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def record(signum, frame) -> None:
+        caught.append(signum)
+
+    held = {}
+    for sig in _DEFERRABLE:
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            held[sig] = signal.signal(sig, record)
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):  # each once, in arrival order, as the OS would
+            signal.raise_signal(sig)
+
+
+_DEFERRABLE = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))

@@ -40,3 +40,33 @@ def test_no_signal_no_interruption():
     with StopRequests("reduce") as stop:
         stop.check("anywhere")
     assert not signals.requested()
+
+
+def test_deferred_holds_python_handlers_and_delivers_after_in_order():
+    seen = []
+    old = {s: signal.signal(s, lambda n, f: seen.append(signal.Signals(n).name))
+           for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        with signals.deferred():
+            signal.raise_signal(signal.SIGUSR2)
+            signal.raise_signal(signal.SIGUSR1)
+            seen.append("section done")
+        assert seen == ["section done", "SIGUSR2", "SIGUSR1"]
+        assert all(signal.getsignal(s) is not None and signal.getsignal(s) != signal.SIG_DFL
+                   for s in old)  # the handlers are back
+        signal.raise_signal(signal.SIGUSR1)
+        assert seen[-1] == "SIGUSR1"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_deferred_raising_handler_raises_after_the_section_and_default_dispositions_stay():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):  # Python's default SIGINT handler raises
+        with signals.deferred():
+            signal.raise_signal(signal.SIGINT)
+            steps.append("rest of the section")
+    assert steps == ["rest of the section"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # not turned into a Python handler

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from functools import cached_property
+from functools import cached_property, wraps
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,8 +23,19 @@ import numpy as np
 import torch
 
 from ..errors import DataError, StoreError, UsageError
+from ..signals import deferred
 from . import format as fmt
 from .format import InputInfo
+
+
+def _signals_deferred(method):
+    """Run a writing method with Python signal handlers held off (`signals.deferred`): a
+    handler that raises must not stop a commit or a metadata write half-way."""
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with deferred():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Store(ABC):
@@ -247,6 +258,7 @@ class Store(ABC):
                 f"{fmt.FORMAT_VERSION}: finish that capture with the older version, or recapture "
                 "with --overwrite")
 
+    @_signals_deferred
     def create_input(self, name: str, n: int, consumers: Sequence[str],
                      pair: bool = False) -> InputInfo:
         """Add an empty (0 x n) input read by `consumers`; returns it unchanged if it exists alike.
@@ -278,6 +290,7 @@ class Store(ABC):
         })
         return self.input(name)
 
+    @_signals_deferred
     def drop_activations(self, name: str) -> int:
         """Delete the data of input ``name``'s committed chunks, keeping their checksums and
         commit record (what reduce results are matched against); returns the chunks dropped.
@@ -298,6 +311,7 @@ class Store(ABC):
         raise StoreError(f"{self.path}: the {self.backend} backend cannot free the space of single "
                          f"chunks; use a zarr store")
 
+    @_signals_deferred
     def write_chunk(self, name: str, index: int, tensor: torch.Tensor) -> int:
         """Write chunk `index` (rows x n, logical dtype, 0 < rows <= chunk_tokens) of `name`.
 
@@ -337,6 +351,7 @@ class Store(ABC):
                 f"{info.num_chunks} (after rollback() on resume)"
             )
 
+    @_signals_deferred
     def commit(self, samples_done: int, committed: Mapping[str, tuple[int, Sequence[int]]],
                complete: bool = False) -> None:
         """Publish written chunks: per input (committed_tokens, crc32 list of all its chunks).
@@ -396,6 +411,7 @@ class Store(ABC):
             )
         return tokens, info.chunk_crc32 + [int(c) & 0xFFFFFFFF for c in crcs[k:]]
 
+    @_signals_deferred
     def rollback(self) -> dict:
         """Undo what a killed capture left uncommitted; run on resume before writing.
 
