@@ -63,12 +63,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--windows", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="an HF model directory to compress (default: SmolLM2-135M staged from the "
+                         "embedded GGUF; tools/stage_phi3.py builds the second architecture)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work, args.threads, args.report)
-    model = stage_model(work, runner) if not (work / "smollm2-hf" / "config.json").exists() else work / "smollm2-hf"
+    model = args.model if args.model is not None else stage_model(work, runner)
     calib = work / "wiki_calib.txt"
     if not calib.exists():
         lines = WIKI.read_text(encoding="utf-8").splitlines(keepends=True)
