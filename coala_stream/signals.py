@@ -24,6 +24,7 @@ thread (signal's rule); elsewhere the block is a no-op.
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -128,17 +129,51 @@ def deferred() -> Iterator[None]:
         caught.append(signum)
 
     held = {}
-    for sig in _DEFERRABLE:
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            held[sig] = signal.signal(sig, record)
     try:
+        # Inside the try, and each handler noted BEFORE it is swapped: a pending signal's
+        # handler runs (and may raise) when any call returns, so the swap can be done with
+        # its result not yet stored; whatever was swapped must still be put back.
+        for sig in _DEFERRABLE:
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                held[sig] = handler
+                signal.signal(sig, record)
         yield
     finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):  # each once, in arrival order, as the OS would
-            signal.raise_signal(sig)
+        _put_back(held, caught)
+
+
+def _put_back(held: dict, caught: list[int]) -> None:
+    """Reinstall the held handlers, then deliver the caught signals, each once, in arrival
+    order (as the OS would). A handler put back can run at once (signal.signal runs pending
+    handlers first) and raise: the rest are still put back and delivered, and the first
+    exception comes out at the end."""
+    error = None
+    todo = dict(held)
+    while todo:
+        try:
+            while todo:
+                sig = next(iter(todo))
+                signal.signal(sig, todo[sig])
+                del todo[sig]
+        except BaseException as exc:  # a handler already put back ran; go on with the rest
+            error = error or exc
+    for sig in dict.fromkeys(caught):
+        try:
+            signal.raise_signal(sig)  # runs the handler inside the call
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 _DEFERRABLE = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
+
+
+def deferring(function):
+    """Decorator: run ``function`` inside `deferred` (a store's writing methods)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with deferred():
+            return function(*args, **kwargs)
+    return wrapper

@@ -70,3 +70,76 @@ def test_deferred_raising_handler_raises_after_the_section_and_default_dispositi
     assert steps == ["rest of the section"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # not turned into a Python handler
+
+
+def test_deferred_puts_every_handler_back_when_a_restored_one_raises_at_once(monkeypatch):
+    """A signal arriving while the handlers are put back runs its own handler at once (the
+    next signal.signal call runs pending handlers first): if it raises, every other handler
+    is still put back, and its exception comes out."""
+    real = signal.signal
+    raised = []
+
+    def raising(signum, frame):
+        raised.append(signum)
+        raise RuntimeError("handler ran")
+
+    def quiet(signum, frame):
+        pass
+
+    # SIGUSR2 and SIGTERM come after SIGUSR1 in the order handlers are put back
+    old = {s: real(s, h) for s, h in ((signal.SIGUSR1, raising), (signal.SIGUSR2, quiet),
+                                      (signal.SIGTERM, quiet))}
+    fired = []
+
+    def signal_then_pending(sig, handler):
+        out = real(sig, handler)
+        if sig == signal.SIGUSR1 and not fired:  # SIGUSR1 arrives right after it is put back
+            fired.append(sig)
+            signal.raise_signal(signal.SIGUSR1)
+        return out
+
+    came_out = None
+    try:
+        with signals.deferred():
+            monkeypatch.setattr(signal, "signal", signal_then_pending)
+    except RuntimeError as exc:
+        came_out = exc
+    finally:
+        monkeypatch.undo()
+        after = {s: signal.getsignal(s) for s in old}
+        for s, h in old.items():
+            real(s, h)
+    assert came_out is not None and raised == [signal.SIGUSR1]
+    assert after == {signal.SIGUSR1: raising, signal.SIGUSR2: quiet, signal.SIGTERM: quiet}
+
+
+def test_deferred_puts_back_a_handler_swapped_just_before_a_raising_one_ran(monkeypatch):
+    """A signal pending while the handlers are swapped runs its (not yet swapped) handler
+    when a call returns, before that call's result is stored: the handler swapped by that
+    call must still be put back (the recorder was once left installed for SIGINT)."""
+    real = signal.signal
+
+    def raising(signum, frame):
+        raise RuntimeError("handler ran")
+
+    old = real(signal.SIGUSR1, raising)  # swapped after SIGINT: a higher number
+    fired = []
+
+    def swap_then_pending(sig, handler):
+        out = real(sig, handler)
+        if sig == signal.SIGINT and not fired:
+            fired.append(sig)
+            signal.raise_signal(signal.SIGUSR1)  # runs `raising` now, as a return would
+        return out
+
+    monkeypatch.setattr(signal, "signal", swap_then_pending)
+    try:
+        with pytest.raises(RuntimeError):
+            with signals.deferred():
+                pytest.fail("the section ran although entering it raised")
+    finally:
+        monkeypatch.undo()
+        after = signal.getsignal(signal.SIGINT)
+        real(signal.SIGINT, signal.default_int_handler)
+        real(signal.SIGUSR1, old)
+    assert fired and after is signal.default_int_handler
