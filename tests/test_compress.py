@@ -12,9 +12,9 @@ from coala_stream.cli import main
 from coala_stream.compress import CompressConfig, run_compress
 
 from .test_capture import text_file  # noqa: F401
+from .test_propagate import fail_reduce_of
 
 compress_mod = importlib.import_module("coala_stream.compress")
-seq_propagate = importlib.import_module("coala_stream.sequential.propagate")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,14 +57,7 @@ def test_compress_writes_the_model_and_cleans_up(reference, tiny_model_dir):
 def test_compress_killed_then_rerun_gives_the_same_model(reference, tiny_model_dir, text_file,
                                                          tmp_path, monkeypatch):
     out = tmp_path / "m"
-    real = seq_propagate.reduce_inputs
-
-    def failing(config, plan, names):
-        if names and names[0].endswith("layers.1.mlp.down_proj"):
-            raise RuntimeError("injected failure")
-        return real(config, plan, names)
-
-    monkeypatch.setattr(seq_propagate, "reduce_inputs", failing)
+    fail_reduce_of(monkeypatch, "layers.1.mlp.down_proj")
     with pytest.raises(RuntimeError, match="injected"):
         run_compress(cfg(tiny_model_dir("float32"), out, text_file), progress=False)
     assert not out.exists() and (tmp_path / "m.work" / "prop.zarr").exists()

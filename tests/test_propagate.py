@@ -56,6 +56,19 @@ def _factors(path: Path) -> dict:
         return applied.read_all(s)[0]
 
 
+def fail_reduce_of(monkeypatch, consumer: str) -> None:
+    """Make the propagation's reduce fail (RuntimeError "injected failure") at the group whose
+    first input feeds a module named ``...consumer``."""
+    real = seq_propagate.reduce_inputs
+
+    def failing(config, plan, names):
+        if names and names[0].endswith(consumer):
+            raise RuntimeError("injected failure")
+        return real(config, plan, names)
+
+    monkeypatch.setattr(seq_propagate, "reduce_inputs", failing)
+
+
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x - y).norm() / x.norm()).item()
 
@@ -221,14 +234,7 @@ def test_failure_mid_block_then_rerun_equals_uninterrupted(where, made, text_fil
     out = tmp_path / "p.zarr"
     calls = []
     if where == "reduce":  # block 1, its third group (gate/up): two groups' factors applied
-        real = seq_propagate.reduce_inputs
-
-        def failing(config, plan, names):
-            if names and names[0].endswith("layers.1.mlp.gate_proj"):
-                raise RuntimeError("injected failure")
-            return real(config, plan, names)
-
-        monkeypatch.setattr(seq_propagate, "reduce_inputs", failing)
+        fail_reduce_of(monkeypatch, "layers.1.mlp.gate_proj")
     elif where == "refine":
         real = seq_propagate.refine_block
 
