@@ -22,7 +22,7 @@ from ..capture import StopForward, linear_targets
 from ..errors import CoalaError
 from ..weights import LazyWeights
 
-SUPPORTED = ("Llama-style decoder models (Llama, Mistral, Qwen2, SmolLM, ...) whose base model "
+SUPPORTED = ("Llama-style decoder models (Llama, Mistral, Qwen2, Phi-3, SmolLM, ...) whose base model "
              "has embed_tokens, a ModuleList `layers` of decoder blocks and rotary_emb")
 
 

@@ -17,7 +17,7 @@ class SequentialConfig(CaptureConfig):
 
     sequential: bool = field(default=False, metadata={
         "help": "run the model one decoder block at a time (Llama-style models: Llama, Mistral, "
-                "Qwen2, SmolLM): only the embeddings, then one block's weights are loaded at a "
+                "Qwen2, Phi-3, SmolLM): only the embeddings, then one block's weights are loaded at a "
                 "time, and the hidden states between blocks go to disk (see --hidden-dir), so "
                 "models larger than device memory or RAM can be captured; the store is the same "
                 "(GGUF models load whole on the CPU and go to the device one block at a time)",
