@@ -39,21 +39,7 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
     writer = ChunkWriter(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize, plan.writers)
     stop_after = fire_order[-1] if (not write_output and fire_order) else None
     feeding = [False]
-
-    def hook(name):
-        def pre_hook(mod, args, kwargs):
-            if feeding[0]:
-                x = linear_input(args, kwargs)
-                for index, chunk in buffers[name].add(x.reshape(-1, x.shape[-1])):
-                    writer.put(("chunk", name, index, chunk))
-            if name == stop_after:
-                raise StopForward
-        return pre_hook
-
-    mods = dict(bm.blocks[k].named_modules())
-    head = f"{bm.prefix}.{k}."
-    handles = [mods[g.name[len(head):]].register_forward_pre_hook(hook(g.name), with_kwargs=True)
-               for g in groups]
+    handles = _hook_groups(bm, k, groups, buffers, writer, feeding, stop_after)
     done_chunks = cap_start // per_chunk
     try:
         with torch.no_grad():
@@ -79,6 +65,26 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
     signals.check("capture", f"in block {k} (every committed chunk is kept)")
     save_pending(work, buffers, k)
     return writer.raw_bytes
+
+
+def _hook_groups(bm: BlockModel, k: int, groups: list, buffers: dict, writer, feeding: list,
+                 stop_after: str | None) -> list:
+    """Pre-hooks on block ``k``'s group leaders: while ``feeding[0]``, their inputs go to the
+    chunk buffers and full chunks to the writer; the forward stops after ``stop_after``."""
+    def hook(name):
+        def pre_hook(mod, args, kwargs):
+            if feeding[0]:
+                x = linear_input(args, kwargs)
+                for index, chunk in buffers[name].add(x.reshape(-1, x.shape[-1])):
+                    writer.put(("chunk", name, index, chunk))
+            if name == stop_after:
+                raise StopForward
+        return pre_hook
+
+    mods = dict(bm.blocks[k].named_modules())
+    head = f"{bm.prefix}.{k}."
+    return [mods[g.name[len(head):]].register_forward_pre_hook(hook(g.name), with_kwargs=True)
+            for g in groups]
 
 
 def _resume_point(bm, k, store, work, infos, dst, write_output, samples, seq_len, B):
