@@ -418,6 +418,13 @@ def test_hdf5_with_mu_and_every_format(tiny_model_dir, text_file, tmp_path):
                         progress=False)
         assert any("applied them" in n for n in rep["notes"]), fmt
         assert all(r["mu"] > 0 for r in rep["layers"] if not r["kept_dense"]), fmt
+    # without --mu, solve takes the capture's: it writes the applied factors, not mu = 0 ones
+    rep = run_solve(out, SolveConfig(out=str(tmp_path / "plain"), ratio=0.3), progress=False)
+    assert rep["settings"]["mu"] == 0.01 and any("applied them" in n for n in rep["notes"])
+    assert not any("differs" in n for n in rep["notes"])
+    # and an explicit --mu 0 is taken as asked, with the note that it differs
+    rep = run_solve(out, SolveConfig(out=str(tmp_path / "mu0"), ratio=0.3, mu=0.0), progress=False)
+    assert rep["settings"]["mu"] == 0.0 and any("mu 0.01 -> 0.0" in n for n in rep["notes"])
     dense = load_file(tmp_path / "dense" / "model.safetensors")
     for name, (A, B) in factors.items():
         assert torch.allclose(dense[f"{name}.weight"], A @ B, atol=1e-6), name

@@ -58,8 +58,10 @@ class SolveConfig:
         "help": "uniform: the same ratio (or rank) per layer | global: the same total parameter "
                 "budget spent where it lowers the summed normalised error most (kept only if it "
                 "beats uniform on that error)", "choices": ALLOCATIONS})
-    mu: float = field(default=0.0, metadata={
-        "help": "regularisation mu, relative: absolute mu = F * ||R||_F^2 / n; coala only",
+    mu: float | None = field(default=None, metadata={
+        "help": "regularisation mu, relative: absolute mu = F * ||R||_F^2 / n; coala only; "
+                "default: the mu a propagating capture applied (so that solve writes the "
+                "factors it applied), else 0",
         "metavar": "F"})
     adaptive_mu: bool = field(default=False, metadata={
         "help": "scale mu per layer by its squared relative error at its rank (COALA authors' option)"})
@@ -100,7 +102,8 @@ class SolveConfig:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
                                       or self.rank < 1):
             raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
-        if not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu) and self.mu >= 0):
+        if self.mu is not None and not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu)
+                                        and self.mu >= 0):
             raise UsageError(f"--mu must be a finite number >= 0, got {self.mu!r}")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise UsageError(f"--objective must be input or output, got {self.objective!r}")
@@ -116,9 +119,9 @@ class SolveConfig:
         if self.objective == "output" and self.method not in OUTPUT_METHODS:
             raise UsageError(f"--objective output is solved by --method coala or aasvd, not "
                              f"{self.method}; pass --objective input for {self.method}")
-        if self.mu > 0 and self.method != "coala":
+        if (self.mu or 0) > 0 and self.method != "coala":
             raise UsageError(f"--mu applies to --method coala only (got --method {self.method})")
-        if self.adaptive_mu and self.mu == 0:
+        if self.adaptive_mu and not self.mu:
             raise UsageError("--adaptive-mu scales --mu per layer; give --mu > 0 as well")
         if self.layers is not None:
             try:

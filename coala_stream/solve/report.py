@@ -103,7 +103,7 @@ def propagate_notes(store, config: SolveConfig) -> list[str]:
     if not applied:
         return []
     wanted = {"method": config.method, "ratio": config.ratio, "rank": config.rank,
-              "mu": float(config.mu)}
+              "mu": float(config.mu or 0)}
     if "objective" in applied:  # stores of older versions record only the four above
         wanted.update(objective=config.objective, alpha=config.alpha)
     differ = [f"{k} {applied.get(k)} -> {v}" for k, v in wanted.items() if applied.get(k) != v]

@@ -170,9 +170,10 @@ def check_capture_complete(store, allow: bool) -> list[str]:
 
 
 def resolve_objective(store, config: SolveConfig) -> SolveConfig:
-    """``config`` with ``objective`` and ``alpha`` filled in from the store when left out:
-    the output objective (with the capture's alpha) for a store of pair inputs [Xh | X],
-    else the input objective. StoreError for --objective output on a store without the
+    """``config`` with ``objective``, ``alpha`` and ``mu`` filled in from the store when left
+    out: the output objective (with the capture's alpha) for a store of pair inputs [Xh | X],
+    else the input objective; the mu a propagating capture applied (coala only), else 0, so
+    that a plain `solve STORE --ratio F` writes the factors the capture applied. StoreError for --objective output on a store without the
     original inputs, UsageError for a method the objective does not take."""
     pair = any(store.input(name).pair for name in store.inputs)
     captured = (store.attrs.get("capture_settings") or {}).get("propagate") or {}
@@ -185,7 +186,10 @@ def resolve_objective(store, config: SolveConfig) -> SolveConfig:
     alpha = config.alpha
     if objective == "output" and alpha is None:
         alpha = float(captured.get("alpha") or DEFAULT_ALPHA)
-    resolved = replace(config, objective=objective, alpha=alpha)
+    mu = config.mu
+    if mu is None:
+        mu = float(captured.get("mu") or 0.0) if config.method == "coala" else 0.0
+    resolved = replace(config, objective=objective, alpha=alpha, mu=mu)
     resolved.validate()
     return resolved
 
