@@ -107,11 +107,9 @@ class CompressConfig:
                                 drop_activations=not self.keep_activations)
 
     def solve(self, out: str, **changes) -> SolveConfig:
-        alpha = None
-        if self.objective == "output":
-            alpha = DEFAULT_ALPHA if self.alpha is None else self.alpha
+        # alpha left None: solve takes the one the propagating capture resolved and recorded
         settings = dict(out=out, ratio=self.ratio, method=self.method, mu=self.mu,
-                        objective=self.objective, alpha=alpha,
+                        objective=self.objective, alpha=self.alpha,
                         allocate=self.allocate, format=self.format, device=self._solve_device(),
                         threads=self.threads, overwrite=self.overwrite)
         return SolveConfig(**{**settings, **changes})
