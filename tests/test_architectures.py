@@ -4,8 +4,6 @@ second architecture (tools/stage_phi3.py) from a Llama-style checkpoint."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +16,13 @@ from coala_stream.solve import SolveConfig, run_solve
 from coala_stream.store import open_store
 
 from .test_capture import SMALL, text_file  # noqa: F401
+from .tools import load_tool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "stage_phi3.py"
-
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("stage_phi3", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("stage_phi3")
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -3,27 +3,23 @@ its loss is KL(teacher || student) per token, and its steps lower it on the cali
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from .test_capture import text_file  # noqa: F401
 from .test_solve import make_store, solve
+from .tools import TOOLS, load_tool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_distill.py"
+TOOL = TOOLS / "bench_distill.py"
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_distill", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_distill")
 
 
 def test_loss_is_the_mean_kl_per_token_against_float64():
