@@ -8,10 +8,13 @@ low-rank linear (nothing else) so that its next-token distribution matches the t
 (same text, samples, seq-len and seed: `coala_stream.calib.calibration_windows`), in
 batches of ``--batch`` windows taken in order and cycled, with Adam at ``--lr``.
 Every ``--eval-every`` steps it scores perplexity on the evaluation text with the
-repository's protocol (`coala_stream.evaluate.perplexity`) and prints one JSON line.
+repository's protocol (`coala_stream.evaluate.perplexity`) and prints one JSON line
+(``train_kl``: the KL of that step's batch before its update; ``seconds``: since the
+first step, evaluations included).
 
 It needs the whole model, its gradients and Adam's two moments of every factor in
-memory at once (about 1.5 GB for SmolLM2-135M), unlike the block-at-a-time capture.
+memory at once (1.4 GB of float32 factor state for SmolLM2-135M, beside both models),
+unlike the block-at-a-time capture.
 Not a test; results in docs/benchmarks.md.
 """
 
