@@ -47,6 +47,8 @@ ROWS = {
     "prop-a05-mu": ("propagated, alpha 0.5, mu 0.01", ["--objective", "output", "--alpha", "0.5", "--mu", "0.01"], []),
     "prop-a05-global": ("propagated, alpha 0.5, global (ranks of the plain store)", ["--objective", "output", "--alpha", "0.5", "GLOBAL"], ["--allocate", "global"]),
     "prop-a05-refine": ("propagated, alpha 0.5, refined 25 steps", ["--objective", "output", "--alpha", "0.5", "--refine-steps", "25"], []),
+    "prop-a04-refine": ("propagated, alpha 0.4, refined 25 steps", ["--objective", "output", "--alpha", "0.4", "--refine-steps", "25"], []),
+    "prop-a06-refine": ("propagated, alpha 0.6, refined 25 steps", ["--objective", "output", "--alpha", "0.6", "--refine-steps", "25"], []),
     "prop-a05-refine100": ("propagated, alpha 0.5, refined 100 steps", ["--objective", "output", "--alpha", "0.5", "--refine-steps", "100"], []),
     "prop-a05-refine-lr1e-3": ("propagated, alpha 0.5, refined 25 steps at lr 1e-3", ["--objective", "output", "--alpha", "0.5", "--refine-steps", "25", "--refine-lr", "1e-3"], []),
     "prop-a05-global-refine": ("propagated, alpha 0.5, global, refined 25 steps", ["--objective", "output", "--alpha", "0.5", "GLOBAL", "--refine-steps", "25"], ["--allocate", "global"]),
