@@ -2,8 +2,9 @@
 
 For people who just want a compressed model. Its defaults are the recipe that measured
 best on SmolLM2-135M (docs/benchmarks.md, "The output objective, ..."): propagation group
-by group with the output objective (alpha = 0.5), uniform ranks, 25 refinement steps per block. Steps, each resumable on its own, in
-a work directory (default ``OUT.work``, deleted at the end unless ``--keep-work``):
+by group with the output objective (alpha = 0.5), uniform ranks, 25 refinement steps per
+block. Steps, each resumable on its own, in a work directory (default ``OUT.work``,
+deleted at the end unless ``--keep-work``):
 
 1. with ``--allocate global``: an ordinary (block by block) capture into
    ``WORK/plain.zarr``, its reduce, and the global allocation of the ranks
