@@ -22,8 +22,9 @@ a Gram matrix. Killed or preempted (exit 75 after SIGTERM): rerun the same comma
 Default recipe: {recipe}.
 Why: it measured best on SmolLM2-135M at --ratio 0.2, calibrated on WikiText-2
 (docs/benchmarks.md, "The output objective ..."): WikiText-2 perplexity 59.07
-against 95.65 for SVD-LLM and for COALA (uniform ranks, same calibration); 67.70
-without the refinement, 82.34 with global ranks, 139.16 for COALA with global ranks;
+against 95.65 for SVD-LLM and for COALA (uniform ranks, same calibration); 62.27
+and 64.41 with --alpha 0.4 and 0.6 (same refinement), 67.70 without the refinement,
+82.34 with global ranks, 139.16 for COALA with global ranks;
 on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
