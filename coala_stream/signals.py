@@ -149,15 +149,15 @@ def _put_back(held: dict, caught: list[int]) -> None:
     handlers first) and raise: the rest are still put back and delivered, and the first
     exception comes out at the end."""
     error = None
-    todo = dict(held)
-    while todo:
-        try:
-            while todo:
-                sig = next(iter(todo))
-                signal.signal(sig, todo[sig])
-                del todo[sig]
-        except BaseException as exc:  # a handler already put back ran; go on with the rest
-            error = error or exc
+    for sig, handler in held.items():
+        # A pending handler can run (and raise) inside the call, before the swap or as it
+        # returns after it: install again until a call returns (installing twice is harmless).
+        while True:
+            try:
+                signal.signal(sig, handler)
+                break
+            except BaseException as exc:
+                error = error or exc
     for sig in dict.fromkeys(caught):
         try:
             signal.raise_signal(sig)  # runs the handler inside the call
