@@ -119,7 +119,7 @@ class SolveConfig:
         if self.objective == "output" and self.method not in OUTPUT_METHODS:
             raise UsageError(f"--objective output is solved by --method coala or aasvd, not "
                              f"{self.method}; pass --objective input for {self.method}")
-        if (self.mu or 0) > 0 and self.method != "coala":
+        if self.mu and self.method != "coala":  # >= 0 by now; None: none asked for
             raise UsageError(f"--mu applies to --method coala only (got --method {self.method})")
         if self.adaptive_mu and not self.mu:
             raise UsageError("--adaptive-mu scales --mu per layer; give --mu > 0 as well")

@@ -105,13 +105,13 @@ def input_view(reduced, n: int):
 
 def absolute_mu(config: SolveConfig, R: torch.Tensor) -> float:
     """--mu is relative to the mean input energy: F * ||R||_F^2 / n (R of the layer's inputs)."""
-    mu = config.mu or 0.0  # None: not resolved from a store (a library call), hence none
-    return mu * float(R.double().square().sum()) / R.shape[1] if mu > 0 else 0.0
+    # mu None: a config not resolved from a store (a library call), hence none, as 0
+    return config.mu * float(R.double().square().sum()) / R.shape[1] if config.mu else 0.0
 
 
 def _coala(W, reduced, rank, config, out):
     R, mu = reduced.R, 0.0
-    if (config.mu or 0) > 0:
+    if config.mu:  # validated >= 0; None and 0 both mean none
         mu = absolute_mu(config, R)
         if config.adaptive_mu:
             if out["spectrum"] is None:
