@@ -59,12 +59,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True, help="torch threads (say it: the machine is shared)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    if export.detect_format(args.student) != "factorized":
+        sys.exit(f"{args.student}: not a factorized solve output")
 
     teacher, tokenizer, _, _ = evaluate.load_for_eval(args.teacher)
     student = export.load_output(args.student)
-    if export.detect_format(args.student) != "factorized":
-        sys.exit(f"{args.student}: not a factorized solve output")
     for p in student.parameters():
         p.requires_grad_(False)
     factors = [p for m in student.modules() if isinstance(m, LowRankLinear)
