@@ -21,12 +21,16 @@ are not captured again, a started one resumes, and the output appears only when 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
+from .devices import resumed_threads, torch_threads
 from .errors import StoreError, UsageError
 from .export import check_out_dir
 from .files import write_json
@@ -138,7 +142,26 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     work = config.work_dir()
     work.mkdir(parents=True, exist_ok=True)
-    write_json(work / MARK, {"out": str(config.out)})
+    # a resumed run computes with the count the work directory was started with (D0)
+    threads, note = resumed_threads(_recorded_threads(work), config.threads,
+                                    torch.get_num_threads(), f"compress's work in {work}")
+    if note:
+        say(note)
+    write_json(work / MARK, {"out": str(config.out), "threads": threads})
+    with torch_threads(threads):
+        return _steps(config, work, say, t0, progress)
+
+
+def _recorded_threads(work: Path) -> int | None:
+    """The thread count recorded in the work directory's mark (None: none, or unreadable)."""
+    try:
+        threads = json.loads((work / MARK).read_text()).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and threads >= 1 else None
+
+
+def _steps(config: CompressConfig, work: Path, say, t0: float, progress: bool) -> dict:
     steps: dict[str, dict] = {}
     ranks = None
     if config.allocate == "global":

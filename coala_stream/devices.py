@@ -257,3 +257,26 @@ def threads_beside_writer(threads: int | None, device: torch.device, writers: in
     if threads is not None or device.type != "cpu":
         return threads
     return max(1, torch.get_num_threads() - writers)
+
+
+def resumed_threads(recorded: int | None, explicit: int | None, current: int,
+                    what: str) -> tuple[int, str]:
+    """(torch threads a resumed stage computes with, a one-line note or '').
+
+    A QR or a matmul may round differently on another thread count, so a stage that resumes
+    keeps the count it started with (``recorded``, from its state) and its result is the
+    bit-identical one of an uninterrupted run, however the load changed the default count
+    since. ``explicit`` (``--threads`` given) wins; ``current`` is the count otherwise in
+    force (the CLI's default, or the caller's torch setting); ``what`` names the state."""
+    if explicit is not None:
+        if recorded is not None and recorded != explicit:
+            return explicit, (f"note: {what} was started with {recorded} thread"
+                              f"{'' if recorded == 1 else 's'}; --threads {explicit} may change "
+                              f"the last bits of its results (leave --threads out to keep "
+                              f"{recorded})")
+        return explicit, ""
+    if recorded is None or recorded < 1 or recorded == current:
+        return current, ""
+    return recorded, (f"note: resuming {what} with the {recorded} thread"
+                      f"{'' if recorded == 1 else 's'} it was started with (not {current}), so "
+                      f"it ends with the same bits as an uninterrupted run; --threads N overrides")

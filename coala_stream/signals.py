@@ -93,6 +93,30 @@ class StopRequests:
         self._old.clear()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside every stage's block (start-up, loading a model): raised like Ctrl-C's
+    KeyboardInterrupt, so the same clean-up runs and the CLI ends in one line, exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` inside the block (main thread only; the CLI's whole run):
+    the default would end the process with no word and no clean-up. A stage's `StopRequests`
+    takes over inside its own block and puts this back when it ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def check(what: str, where: str) -> None:
     """`StopRequests.check` for code running inside some stage's block (a helper that was not
     handed the block): raise `Interrupted` if the outermost active block got a signal."""

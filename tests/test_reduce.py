@@ -204,6 +204,59 @@ def test_a_growing_store_extends_a_finished_result(tmp_path):
     assert f.complete and f.tokens == 8 * CHUNK and rel(f.R.double().T @ f.R.double(), X.T @ X) < 1e-5
 
 
+def _extend(path: Path, chunks: int = 3) -> None:
+    """Commit ``chunks`` more chunks of fixed random rows to input "a" and finish the capture."""
+    store = open_store(path, "r+")
+    info = store.input("a")
+    more = torch.randn(chunks * CHUNK, info.n, generator=torch.Generator().manual_seed(1)).bfloat16()
+    crcs = info.chunk_crc32 + [store.write_chunk("a", info.num_chunks + i,
+                                                 more[i * CHUNK:(i + 1) * CHUNK])
+                               for i in range(chunks)]
+    store.commit(2, {"a": (info.tokens + chunks * CHUNK, crcs)}, complete=True)
+    store.close()
+
+
+def test_reducing_an_unfinished_capture_then_the_rest_gives_the_bits_of_one_reduce(tmp_path):
+    """D7: 5 chunks in groups of 2 end between two group boundaries; the extension must fold
+    the same groups ([4, 6), [6, 8)) as one reduce of the finished store, not [4, 5) then
+    [5, 7), [7, 8)."""
+    early, once = tmp_path / "early.zarr", tmp_path / "once.zarr"
+    make_store(early, {"a": (32, 5)}, complete=False)
+    assert group_chunks(32, CHUNK, None) == 2
+    shutil.copytree(early, once)
+    run_reduce(early, cfg(), progress=False)  # the capture is unfinished: R of 5 chunks
+    assert factor(early, "a").complete and factor(early, "a").tokens == 5 * CHUNK
+    _extend(early)
+    _extend(once)
+    assert run_reduce(early, cfg(), progress=False)["inputs"]["a"]["action"] == "extended"
+    run_reduce(once, cfg(), progress=False)
+    a, b = factor(early, "a"), factor(once, "a")
+    assert a.tokens == b.tokens == 8 * CHUNK
+    assert torch.equal(a.R, b.R) and torch.equal(a.abs_sum, b.abs_sum)
+    # the finished result keeps no second state (only an unfinished capture's does)
+    assert not any(k.startswith("group.") for k in load_state(early / "reduce" / "a.safetensors")[0])
+
+
+def test_a_resumed_reduce_folds_with_the_thread_count_it_started_with(tmp_path, capsys):
+    """D0: the default count follows the load; a resumed reduce keeps the first run's count
+    (STORE/reduce/run.json) unless threads are given, and says so."""
+    path = tmp_path / "s.zarr"
+    make_store(path, {"a": (32, 3), "b": (32, 3)})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the first run (threads=None: the caller's count) ...
+        run_reduce(path, cfg(threads=None, inputs="^a$"), progress=False)
+        torch.set_num_threads(2)  # ... and a resume under another default count
+        s = run_reduce(path, cfg(threads=None), progress=True)
+    finally:
+        torch.set_num_threads(before)
+    assert s["threads"] == 1 and load_state(path / "reduce" / "b.safetensors")[1]["threads"] == 1
+    assert "resuming reduce" in capsys.readouterr().err
+    (path / "reduce" / "b.safetensors").unlink()
+    s = run_reduce(path, cfg(threads=2), progress=True)  # --threads wins, with a note
+    assert s["threads"] == 2 and "--threads 2 may change" in capsys.readouterr().err
+
+
 # -- resume: kill -9, SIGTERM, bad data ----------------------------------------------------------
 
 
@@ -385,7 +438,7 @@ def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, capfd):
     run_reduce(path, cfg(), progress=False)
     assert "stale reduce lock" in capfd.readouterr().err
     assert factor(path, "a").complete
-    assert sorted(p.name for p in (path / "reduce").iterdir()) == ["a.safetensors"]
+    assert sorted(p.name for p in (path / "reduce").iterdir()) == ["a.safetensors", "run.json"]
 
 
 # -- Dask --------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from .config import DEFAULT_CHUNK_TOKENS, CaptureConfig
 from .probe import (InputGroup, StopForward, forward, linear_input, linear_targets, probe_groups,
                     probe_run)
 from .run import Plan, committed_crcs, open_or_create_store, plan_capture, run_capture, summary_of
-from .settings import (HARD_SETTINGS, capture_lock, capture_state, existing_store, lock_path,
+from .settings import (HARD_SETTINGS, capture_lock, capture_threads, capture_state, existing_store, lock_path,
                        prepare_inputs, settings_diff, store_attrs)
 from .writer import ChunkBuffer, ChunkWriter, assign_writers
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "CaptureConfig", "InputGroup", "StopForward", "forward",
            "linear_input", "linear_targets", "probe_groups", "probe_run", "Plan", "committed_crcs",
            "open_or_create_store", "plan_capture", "run_capture", "summary_of", "HARD_SETTINGS",
-           "capture_lock", "capture_state", "existing_store", "lock_path", "prepare_inputs",
+           "capture_lock", "capture_threads", "capture_state", "existing_store", "lock_path", "prepare_inputs",
            "settings_diff", "store_attrs", "ChunkBuffer", "ChunkWriter", "assign_writers"]

@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 
 from .. import calib, models
-from ..devices import threads_beside_writer, torch_threads
+from ..devices import torch_threads
 from ..errors import StoreError, UsageError
 from ..signals import StopRequests
 from ..store import create_store, open_store
 from .config import CaptureConfig
 from .probe import InputGroup, StopForward, forward, linear_input, linear_targets, probe_groups
-from .settings import (capture_lock, check_not_in_use, existing_store, prepare_inputs,
+from .settings import (capture_lock, capture_threads, check_not_in_use, existing_store, prepare_inputs,
                        store_attrs)
 from .writer import ChunkBuffer, ChunkWriter
 
@@ -92,10 +92,11 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
     while another capture writes the store, and Interrupted on SIGINT/SIGTERM
     (everything committed is kept; rerun resumes).
     """
-    outer = torch.get_num_threads()
-    with capture_lock(config.out), torch_threads(threads_beside_writer(
-            config.threads, config.resolved_device(), config.resolved_writers())):
-        return _run_capture(config, progress, outer)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    with capture_lock(config.out):
+        forward, compute = capture_threads(config, torch.get_num_threads(), say)
+        with torch_threads(forward):
+            return _run_capture(config, progress, compute)
 
 
 def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) -> dict:
@@ -104,6 +105,7 @@ def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) ->
     with models.gguf_parsed_once():  # config, tokenizer and weights from one GGUF parse
         plan = plan_capture(config)
         plan.compute_threads = compute_threads
+        plan.attrs["capture_settings"]["compute_threads"] = compute_threads  # what a resume keeps
         summary = summary_of(config, plan)
         state = existing_store(config, plan.backend, plan.attrs)
         if state == "complete":

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import calib, checkpoint, models
-from ..errors import LockedError, StoreError
+from ..errors import CoalaError, LockedError, StoreError
 from ..store import detect_backend, open_store
 from .config import CaptureConfig
 from .probe import InputGroup
@@ -82,6 +82,49 @@ def store_attrs(config: CaptureConfig, cfg, tokenizer, cal: calib.Calibration, d
                              "probe_crc32": None, "sequential": False, "propagate": None,
                              **(extra_settings or {})},
     }
+
+
+def capture_threads(config: CaptureConfig, compute: int, say) -> tuple[int | None, int]:
+    """(torch threads of the forward, of the work beside it: --propagate's reduce and solve).
+
+    A fresh capture takes the forward's from `devices.threads_beside_writer` and ``compute``
+    (the caller's count); a resumed one the counts its store recorded when it was started
+    (``capture_settings.cpu_threads``, ``compute_threads``), so its activations and factors
+    are those of an uninterrupted run, unless ``--threads`` is given (`devices.resumed_threads`;
+    ``say`` gets its note). Call while holding the capture lock."""
+    from ..devices import resumed_threads, threads_beside_writer
+
+    forward = threads_beside_writer(config.threads, config.resolved_device(),
+                                    config.resolved_writers())
+    recorded = _recorded_threads(config.out)
+    what = f"the capture of {config.out}"
+    if forward is not None or recorded.get("cpu_threads") is not None:
+        forward, note = resumed_threads(recorded.get("cpu_threads"), config.threads,
+                                        forward or torch.get_num_threads(), what)
+        if note:
+            say(note)
+    compute, note = resumed_threads(recorded.get("compute_threads"), config.threads, compute,
+                                    what + " (its reduce and solve)")
+    if note and getattr(config, "propagate", False):  # only --propagate computes beside it
+        say(note)
+    return forward, compute
+
+
+def _recorded_threads(out) -> dict:
+    """The thread counts an unfinished store at ``out`` recorded at its start ({} if none)."""
+    path = Path(out)
+    try:
+        if detect_backend(path) is None:
+            return {}
+        with open_store(path) as store:
+            attrs = store.attrs
+    except (CoalaError, OSError, ValueError):  # not readable: existing_store says why, later
+        return {}
+    if (attrs.get("capture") or {}).get("complete"):
+        return {}
+    cs = attrs.get("capture_settings") or {}
+    return {k: cs[k] for k in ("cpu_threads", "compute_threads")
+            if isinstance(cs.get(k), int) and cs[k] >= 1}
 
 
 def existing_store(config: CaptureConfig, backend: str, attrs: dict) -> str | None:

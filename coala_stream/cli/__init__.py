@@ -14,6 +14,7 @@ from importlib import import_module
 
 from .._version import __version__
 from ..errors import CoalaError, Interrupted
+from ..signals import Terminated, terminate_raises
 
 # Order is the order shown in --help: the pipeline, then inspection.
 SUBCOMMANDS = ("compress", "capture", "reduce", "merge", "solve", "eval", "status")
@@ -39,7 +40,9 @@ exit codes: 0 ok, 1 error (message says why), 2 bad usage,
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``only``: register that subcommand alone (what `main` does once argv names
+    one), so a command imports only its own modules at parse time, not every subcommand's."""
     parser = argparse.ArgumentParser(
         prog="coala-stream",
         description=DESCRIPTION,
@@ -50,19 +53,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        import_module(f".{name}", __name__).register(subparsers)
+        if only is None or name == only:
+            import_module(f".{name}", __name__).register(subparsers)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand argv names (its first word that is not an option), None if none."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in SUBCOMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, debug = _command(argv), "--debug" in argv
+    # Parsing is inside the handlers too: a subcommand's options import torch, which takes
+    # seconds, and a Ctrl-C or SIGTERM then must end in one line like any other moment.
+    try:
+        with terminate_raises():
+            parser = build_parser(command)
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return 2
+            return _run(args)
+    except KeyboardInterrupt as exc:  # Terminated (SIGTERM) is one
+        if debug:
+            raise
+        _quiet_pending_tasks()
+        sig, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        print(f"coala-stream {command or ''}".rstrip() + f": stopped by {sig} (whatever was "
+              f"committed is kept); rerun the same command to resume", file=sys.stderr)
+        return code
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except Interrupted as exc:  # progress is saved: not an error, a pause
+        _quiet_pending_tasks()
         print(f"coala-stream {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except CoalaError as exc:
@@ -72,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         if exc.exit_code == 1:  # a usage error (2) or an interruption (75) needs no traceback
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"coala-stream {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+
+def _quiet_pending_tasks() -> None:
+    """An interrupt can leave zarr's I/O coroutines pending in its event loop thread; asyncio
+    then logs "Task was destroyed but it is pending!" for each at exit: noise after the line
+    that said what happened (and nothing lost: a store write is never half done, see
+    `signals.deferred`)."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":  # pragma: no cover

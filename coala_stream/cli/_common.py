@@ -37,3 +37,11 @@ def command_threads(threads: int | None):
     count, why = choose_threads(threads)
     with torch_threads(count):
         yield f"threads: {count} ({why})"
+
+
+def threads_line(line: str, used: int) -> str:
+    """`command_threads`' line, or what a resumed run used instead (the count its state
+    recorded when it was started: `devices.resumed_threads`)."""
+    if line.startswith(f"threads: {used} "):
+        return line
+    return f"threads: {used} (kept from the run that started this work; the rule gave {line[9:]})"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_parser, command_threads
+from ._common import add_parser, command_threads, threads_line
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -17,8 +17,9 @@ ever held. Each input's R (plus column sums of |x| for ASVD, and with
 STORE/reduce/<input>.safetensors, which is also the checkpoint.
 
 A run killed at any moment resumes from its last checkpoint when the same
-command is run again, and ends with the same R bit for bit (same machine,
-device and --threads; the default thread count follows the load, see --threads).
+command is run again, and ends with the same R bit for bit (same machine and
+device; a resumed run keeps the thread count the first one used, recorded in
+STORE/reduce/run.json, unless --threads is given).
 SIGINT/SIGTERM save a checkpoint and exit with code 75. Finished
 inputs are skipped. One reduce per store at a time (a lock in STORE/reduce/).
 
@@ -60,7 +61,8 @@ def run(args) -> int:
     print(f"{s['store']}: {len(actions)} inputs ({counts or 'none'}); {s['bytes_folded'] / 1e9:.3f} GB "
           f"folded in {s['seconds']:.1f} s ({s['gb_per_s']:.3f} GB/s, {s['mode']}, {s['device']}, "
           f"{s['dtype']}) -> {s['reduce_dir']}")
-    print(threads + ("; the Dask workers use their own" if s["mode"] == "dask" else ""))
+    print(threads_line(threads, s["threads"])
+          + ("; the Dask workers use their own" if s["mode"] == "dask" else ""))
     cap = s["capture"]
     if not cap["complete"]:
         print(f"note: the capture of {s['store']} is not complete ({cap['samples_done']} of "

@@ -37,6 +37,11 @@ class Partial:
         gram = torch.zeros(n, n, dtype=torch.float32, device=device) if with_gram else None
         return cls(None, torch.zeros(n, dtype=torch.float64, device=device), gram)
 
+    def copy(self) -> Partial:
+        """A copy that later folds into this one leave unchanged (they update in place)."""
+        clone = (lambda t: None if t is None else t.clone())
+        return Partial(clone(self.R), clone(self.abs_sum), clone(self.gram), self.tokens)
+
     def to(self, device) -> Partial:
         move = (lambda t: None if t is None else t.to(device))
         return Partial(move(self.R), move(self.abs_sum), move(self.gram), self.tokens)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,18 +65,23 @@ def run_reduce(store_path, config: ReduceConfig | None = None, progress: bool = 
         with checkpoint.StoreLock(reduce_dir / checkpoint.REDUCE_LOCK, what="reduce") as lock, \
                 StopRequests("reduce") as stop, torch_threads(config.threads):
             checkpoint.remove_temp_files(reduce_dir)  # leftovers of a killed run's writes
-            threads = torch.get_num_threads()
             if config.restart:
                 res.check_restartable(store)  # a merged store's R's cannot be refolded
                 for name in names:
                     res.result_path(store, name).unlink(missing_ok=True)
+                if config.inputs is None:  # started over: this run's count is the new record
+                    (reduce_dir / res.RUN_RECORD).unlink(missing_ok=True)
+            threads, note = res.run_threads(reduce_dir, config.threads, torch.get_num_threads())
+            if note and progress:
+                print(note, file=sys.stderr, flush=True)
             run = Run(store, config, lock, stop, progress)
-            if config.distributed:
-                from .dask_driver import fold_on_dask
+            with torch_threads(threads):
+                if config.distributed:
+                    from .dask_driver import fold_on_dask
 
-                inputs = fold_on_dask(run, names)
-            else:
-                inputs = run.local(names)
+                    inputs = fold_on_dask(run, names)
+                else:
+                    inputs = run.local(names)
         capture = store.attrs.get("capture") or {}
         samples = (store.attrs.get("calibration") or {}).get("samples")
         merged = len(res.merged_from(store) or [])
@@ -150,19 +156,28 @@ class Run:
             raise CheckpointMismatch(f"{path} is not a reduce checkpoint (no R or abs_sum "
                                      f"tensor); {res.RESTART_HINT}")
         part = Partial(tensors["R"], tensors["abs_sum"], tensors.get("gram"), int(meta["tokens"]))
+        start = state.next_chunk
+        group = res.group_state(tensors, meta) if state.label == "behind" else None
+        if group is not None and info.dropped <= group[0] < start:
+            # from the last group boundary: the same groups as one reduce of the longer store
+            start, t, tokens = group
+            part = Partial(t["R"], t["abs_sum"], t.get("gram"), tokens)
         action = "extended" if state.label == "behind" else "resumed"
-        return Job(name, info, settings, part.to(self.device), state.next_chunk, seconds, action, path)
+        return Job(name, info, settings, part.to(self.device), start, seconds, action, path)
 
-    def save(self, job: Job, next_chunk: int, seconds: float) -> None:
-        """Write the job's state after ``next_chunk`` chunks (atomically; complete at the end)."""
+    def save(self, job: Job, next_chunk: int, seconds: float, at_group=None) -> None:
+        """Write the job's state after ``next_chunk`` chunks (atomically; complete at the end);
+        ``at_group``: (chunk, `Partial`) at the last group boundary, kept beside it."""
         info = job.info
+        group = {} if at_group is None else {"group_chunk": at_group[0]}
         res.write_result(job.path, job.part, {
             "input": job.name, "n": info.n,
             "fingerprint": self.store.fingerprint(job.name, upto=next_chunk),
             "next_chunk": next_chunk, "chunks": info.num_chunks, "tokens": job.part.tokens,
             "complete": next_chunk == info.num_chunks, "dtype": self.cfg.dtype,
             "device": self.device_label, "threads": torch.get_num_threads(),
-            "seconds": round(seconds, 3), "settings": job.settings})
+            "seconds": round(seconds, 3), "settings": job.settings, **group},
+            at_group=None if at_group is None else at_group[1])
 
     def summary(self, job: Job, seconds: float) -> dict:
         done = range(0) if job.action == "skipped" else range(job.start, job.info.num_chunks)
@@ -188,10 +203,14 @@ class Run:
             part.R = torch.zeros(0, info.n, dtype=self.dtype, device=self.device)
         t0 = saved_at = time.monotonic()
         done = job.start  # chunks folded into part
+        g, at_group = job.settings["group_chunks"], None
+        growing = not (self.store.attrs.get("capture") or {}).get("complete")
         with ChunkPrefetcher(lambda i: self.store.read_chunk(job.name, i), job.start,
                              info.num_chunks, depth=self.cfg.prefetch,
                              threads=self.cfg.read_threads, pin=self.device.type == "cuda") as chunks:
-            for a, b in plan_groups(job.start, info.num_chunks, job.settings["group_chunks"]):
+            for a, b in plan_groups(job.start, info.num_chunks, g):
+                if growing and b % g and a % g == 0:  # a group the capture may still lengthen
+                    at_group = (a, part.copy())
                 self._fold_group(job, chunks, a, b, done, t0)
                 done = b
                 bars.update(sum(chunk_bytes(info, i) for i in range(a, b)))
@@ -207,7 +226,7 @@ class Run:
                     self.stop.check(f"in input {job.name!r} at chunk {done} of "
                                     f"{info.num_chunks}; checkpoint saved to {job.path}")
         seconds = job.seconds + time.monotonic() - t0
-        self.save(job, info.num_chunks, seconds)
+        self.save(job, info.num_chunks, seconds, at_group)
         return self.summary(job, seconds)
 
     def _fold_group(self, job: Job, chunks, a: int, b: int, done: int, t0: float) -> None:

@@ -14,6 +14,7 @@ status (what to show) all ask it, so their words never disagree.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,13 @@ RESTART_HINT = "rerun reduce with --restart to discard it and start this input o
 # are the shards' R's merged, so they are complete with nothing to fold, and can only be
 # remade by merging again, never by reduce.
 MERGED_FROM = "merged_from"
+# The reduce run's own record in the reduce directory: the torch thread count the first run
+# folded with, so a resumed run (whatever the load makes the default now) folds with it too.
+RUN_RECORD = "run.json"
+# Tensors a result of an unfinished capture keeps beside R: the state at the last group
+# boundary (meta "group_chunk"), from which reduce extends it once the capture has added
+# chunks, so it folds the same groups as one reduce of the finished store.
+GROUP_PREFIX = "group."
 
 
 @dataclass
@@ -78,12 +86,47 @@ def result_path(store, name: str) -> Path:
     return Path(store.reduce_dir) / f"{name}.safetensors"
 
 
-def write_result(path: Path, part, meta: dict) -> None:
-    """Write a fold state (`fold.Partial`) and its metadata atomically."""
+def write_result(path: Path, part, meta: dict, at_group=None) -> None:
+    """Write a fold state (`fold.Partial`) and its metadata atomically; ``at_group``: the
+    state at the last group boundary (a `fold.Partial`, ``meta["group_chunk"]`` says which),
+    kept when the result ends between two boundaries (see `GROUP_PREFIX`)."""
+    tensors = _tensors(part)
+    if at_group is not None:
+        tensors.update({GROUP_PREFIX + k: v for k, v in _tensors(at_group).items()})
+        meta = {**meta, "group_tokens": at_group.tokens}
+    checkpoint.save_state(path, tensors, {**meta, "tool_version": __version__})
+
+
+def _tensors(part) -> dict:
     tensors = {"R": part.R, "abs_sum": part.abs_sum}
     if part.gram is not None:
         tensors["gram"] = part.gram
-    checkpoint.save_state(path, tensors, {**meta, "tool_version": __version__})
+    return tensors
+
+
+def group_state(tensors: dict, meta: dict) -> tuple[int, dict, int] | None:
+    """(chunk, tensors, tokens) of the group-boundary state a result keeps, or None."""
+    group = {k[len(GROUP_PREFIX):]: v for k, v in tensors.items() if k.startswith(GROUP_PREFIX)}
+    if "R" not in group or "abs_sum" not in group or "group_chunk" not in meta:
+        return None
+    return int(meta["group_chunk"]), group, int(meta.get("group_tokens", 0))
+
+
+def run_threads(reduce_dir: Path, explicit: int | None, current: int) -> tuple[int, str]:
+    """(torch threads this reduce folds with, a note or ''): those of the run that started
+    the directory's results (`RUN_RECORD`), unless ``explicit``; recorded for the next run."""
+    from ..devices import resumed_threads
+
+    path = Path(reduce_dir) / RUN_RECORD
+    try:
+        recorded = json.loads(path.read_text()).get("threads")
+        recorded = recorded if isinstance(recorded, int) and recorded >= 1 else None
+    except (OSError, ValueError, AttributeError):  # none yet, or torn: this run's count
+        recorded = None
+    count, note = resumed_threads(recorded, explicit, current, f"reduce of {reduce_dir}")
+    if recorded != count:
+        checkpoint.atomic_write(path, json.dumps({"threads": count}).encode())
+    return count, note
 
 
 def read_meta(path: Path) -> dict:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from .. import models, signals
-from ..capture import (Plan, capture_lock, existing_store, open_or_create_store, plan_capture,
-                       run_capture, summary_of)
-from ..devices import threads_beside_writer, torch_threads
+from ..capture import (Plan, capture_lock, capture_threads, existing_store, open_or_create_store,
+                       plan_capture, run_capture, summary_of)
+from ..devices import torch_threads
 from ..progress import bar as progress_bar
 from ..signals import StopRequests
 from .blocks import BlockModel
@@ -47,10 +47,11 @@ def run_sequential(config: SequentialConfig, progress: bool = True) -> dict:
     a run that got to the end, ``compressed_layers``, ``reduce_seconds``, ``solve_seconds``
     (this run's)."""
     config.check()
-    outer = torch.get_num_threads()
-    with capture_lock(config.out), torch_threads(threads_beside_writer(
-            config.threads, config.resolved_device(), config.resolved_writers())):
-        return _run_sequential(config, progress, outer)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    with capture_lock(config.out):  # a resumed run keeps the counts its store recorded (D0)
+        forward, compute = capture_threads(config, torch.get_num_threads(), say)
+        with torch_threads(forward):
+            return _run_sequential(config, progress, compute)
 
 
 def _run_sequential(config: SequentialConfig, progress: bool, compute_threads: int) -> dict:
@@ -59,6 +60,7 @@ def _run_sequential(config: SequentialConfig, progress: bool, compute_threads: i
     with models.gguf_parsed_once():
         plan = plan_capture(config, config.extra_settings())
         plan.compute_threads = compute_threads
+        plan.attrs["capture_settings"]["compute_threads"] = compute_threads  # what a resume keeps
         summary = {**summary_of(config, plan), "sequential": True}
         state = existing_store(config, plan.backend, plan.attrs)
         return _blocks_run(config, plan, state, summary, say, progress, t0)
