@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, LockedError, UsageError
+from .errors import DataError, LockedError, UsageError, WriteError, write_error
 
 META_KEY = "coala"
 REDUCE_LOCK = "lock"
@@ -51,16 +51,21 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{secrets.token_hex(6)}")
-    # os.open rather than mkstemp: mode 0o666 minus the umask, like any other file (mkstemp: 0o600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        # os.open rather than mkstemp: mode 0o666 minus the umask, like any file (mkstemp: 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:  # a read-only location, no permission, no space for an inode
+        raise write_error(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         _unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(exc, path) from exc  # the old file at path is intact
         raise
     fsync_dir(path.parent)
 
@@ -148,7 +153,9 @@ def load_meta(path: str | os.PathLike) -> dict:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 100_000_000:
                 raise ValueError(f"header size {size} is implausible")
-            meta = json.loads(json.loads(f.read(size)).get("__metadata__", {}).get(META_KEY) or "{}")
+            header = json.loads(f.read(size))
+            meta = json.loads(header.get("__metadata__", {}).get(META_KEY) or "{}")
+            _check_length(header, 8 + size, os.fstat(f.fileno()).st_size)
     except FileNotFoundError:
         raise
     except Exception as exc:
@@ -158,6 +165,15 @@ def load_meta(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise DataError(f"state file {path}: metadata '{META_KEY}' is not a JSON object")
     return meta
+
+
+def _check_length(header: dict, start: int, length: int) -> None:
+    """ValueError unless the file is exactly as long as its header's tensors say: a file cut
+    short (or grown) is found from its header alone, without reading the tensors."""
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if start + max(ends, default=0) != length:
+        raise ValueError(f"the file is {length} bytes, its header says {start + max(ends, default=0)}")
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -351,14 +367,14 @@ def read_lock(path) -> dict | None:
     path = Path(path)
     try:
         age = time.time() - path.stat().st_mtime
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    try:
-        record = json.loads(text)
+    try:  # bytes, not text: binary garbage (a damaged disk, a stray write) is unreadable too
+        record = json.loads(data.decode("utf-8"))
         if not isinstance(record, dict):
             record = {}
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError is one
         record = {}
     record["_age"] = max(0.0, age)
     return record

@@ -28,13 +28,13 @@ import torch
 
 from .. import calib, models
 from ..devices import torch_threads
-from ..errors import StoreError, UsageError
+from ..errors import READ_ONLY, StoreError, UsageError, write_error
 from ..signals import StopRequests
 from ..store import create_store, open_store
 from .config import CaptureConfig
 from .probe import InputGroup, StopForward, forward, linear_input, linear_targets, probe_groups
-from .settings import (capture_lock, capture_threads, check_not_in_use, existing_store, prepare_inputs,
-                       store_attrs)
+from .settings import (capture_lock, capture_threads, check_not_in_use, existing_store,
+                       lock_path, prepare_inputs, store_attrs)
 from .writer import ChunkBuffer, ChunkWriter
 
 
@@ -93,10 +93,31 @@ def run_capture(config: CaptureConfig, progress: bool = True) -> dict:
     (everything committed is kept; rerun resumes).
     """
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    with capture_lock(config.out):
+    lock = capture_lock(config.out)
+    try:
+        lock.acquire()
+    except OSError as exc:  # a read-only location: fine for a store with nothing left to do
+        return complete_without_lock(config, exc)
+    try:
         forward, compute = capture_threads(config, torch.get_num_threads(), say)
         with torch_threads(forward):
             return _run_capture(config, progress, compute)
+    finally:
+        lock.release()
+
+
+def complete_without_lock(config: CaptureConfig, exc: OSError, extra_settings=None,
+                          **summary) -> dict:
+    """The "already complete" summary of the store at ``config.out`` when its capture lock
+    cannot be created (a read-only mount, no permission) but nothing needs writing: the
+    store is complete with this run's settings. Otherwise ``exc`` as a one-line WriteError."""
+    if exc.errno in READ_ONLY:
+        with models.gguf_parsed_once():
+            plan = plan_capture(config, extra_settings)
+        if existing_store(config, plan.backend, plan.attrs) == "complete":
+            return {**summary_of(config, plan), **summary, "status": "already complete",
+                    "samples_before": len(plan.cal.ids), "raw_bytes": 0, "seconds": 0.0}
+    raise write_error(exc, lock_path(config.out)) from exc
 
 
 def _run_capture(config: CaptureConfig, progress: bool, compute_threads: int) -> dict:

@@ -7,14 +7,13 @@ dispatched and `WRITER_QUEUE` waiting for each writer, whatever the number of sa
 
 from __future__ import annotations
 
-import errno
 import queue
 import threading
 
 import torch
 
 from .. import signals
-from ..errors import CoalaError
+from ..errors import CoalaError, disk_full
 
 QUEUE_CHUNKS = 4  # chunks waiting to be dispatched; bounds memory beyond the chunk buffers
 WRITER_QUEUE = 2  # ... and waiting for each writer thread
@@ -178,7 +177,9 @@ class ChunkWriter:
 def translate_write_error(exc: BaseException, store, committed) -> BaseException:
     where = f"{getattr(store, 'path', 'the store')}"
     done = "" if committed is None else f" (committed: {committed} samples)"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, CoalaError):  # already says what to do
+        return exc
+    if disk_full(exc):  # h5py's RuntimeError says errno = 28 in its text only
         err = CoalaError(f"the disk is full while writing {where}{done}: nothing committed is "
                          f"lost; free some space and rerun the same command to resume")
     elif isinstance(exc, OSError):

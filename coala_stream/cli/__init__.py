@@ -13,7 +13,7 @@ import sys
 from importlib import import_module
 
 from .._version import __version__
-from ..errors import CoalaError, Interrupted
+from ..errors import CoalaError, Interrupted, os_error_line
 from ..signals import Terminated, terminate_raises
 
 # Order is the order shown in --help: the pipeline, then inspection.
@@ -101,6 +101,12 @@ def _run(args) -> int:
         if exc.exit_code == 1:  # a usage error (2) or an interruption (75) needs no traceback
             print("  (run with --debug for the traceback)", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system's (full, read-only, no permission): not a bug
+        if args.debug:
+            raise
+        print(f"coala-stream {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        print("  (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _quiet_pending_tasks() -> None:

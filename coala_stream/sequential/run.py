@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import models, signals
-from ..capture import (Plan, capture_lock, capture_threads, existing_store, open_or_create_store,
-                       plan_capture, run_capture, summary_of)
+from .. import applied, models, signals
+from ..capture import (Plan, capture_lock, capture_threads, complete_without_lock, existing_store,
+                       open_or_create_store, plan_capture, run_capture, summary_of)
 from ..devices import torch_threads
 from ..progress import bar as progress_bar
 from ..signals import StopRequests
@@ -48,10 +48,17 @@ def run_sequential(config: SequentialConfig, progress: bool = True) -> dict:
     (this run's)."""
     config.check()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    with capture_lock(config.out):  # a resumed run keeps the counts its store recorded (D0)
+    lock = capture_lock(config.out)
+    try:
+        lock.acquire()
+    except OSError as exc:  # a read-only location: fine for a store with nothing left to do
+        return complete_without_lock(config, exc, config.extra_settings(), sequential=True)
+    try:  # a resumed run keeps the thread counts its store recorded when it was started
         forward, compute = capture_threads(config, torch.get_num_threads(), say)
         with torch_threads(forward):
             return _run_sequential(config, progress, compute)
+    finally:
+        lock.release()
 
 
 def _run_sequential(config: SequentialConfig, progress: bool, compute_threads: int) -> dict:
@@ -101,6 +108,8 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
             rec = {"store_uuid": uuid, "next_block": 0, "src": None, "probe_crc32": {}}
             work.write_progress(rec)
         before = rec["next_block"]
+        if propagate and state == "resume":  # a damaged factors file is found now, not at the end
+            applied.check_blocks(store, before=before)
         if state == "resume":
             say(f"{store.path}: resuming at " + (f"block {before} of {last + 1}" if before <= last
                                                  else "the final commit"))

@@ -28,11 +28,20 @@ write-chunks/commit, see tests/test_store.py::test_kill_then_resume):
   resumed file is equal to an uninterrupted one in content, not byte for byte.
 - A file being written cannot be opened by another process (HDF5 file locking):
   `status` of a running HDF5 capture fails with a StoreError saying so.
+- A full disk: HDF5 that runs out of space half-way through writing its metadata
+  leaves its objects in a state whose clean-up crashed the interpreter (exit 139, issue
+  22). So the writer never lets HDF5 meet ENOSPC: before each write of rows it checks
+  that the file system can take those rows plus everything not yet flushed (uncompressed,
+  +10 %) plus `SPACE_MARGIN` for metadata, and raises ENOSPC itself otherwise; the file
+  then closes cleanly and keeps its last commit. (Another process filling the disk
+  between the check and the write is not covered.)
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -42,6 +51,7 @@ from ..errors import StoreError
 from . import format as fmt
 from .base import Store
 
+SPACE_MARGIN = 4 << 20  # bytes kept free for HDF5's metadata (attributes, B-trees, crc32s)
 CRC_GROUP = "crc32"  # per input: a growing uint32 dataset of its chunks' crc32s
 FILTERS = {"shuffle": True, "compression": "gzip", "compression_opts": 1, "fletcher32": True}
 
@@ -99,7 +109,16 @@ def open_h5(path: Path, writable: bool) -> h5py.File:
     try:
         return h5py.File(path, "r+" if writable else "r")
     except OSError as exc:
-        if "lock" in str(exc).lower():
+        text = str(exc).lower()
+        # h5py's messages: "unable to lock file, errno = 11" while a writer holds it; a cut
+        # file's "truncated file: eof = ..., sblock->base_addr" holds "lock" too (superblock)
+        if "truncated file" in text:
+            raise StoreError(
+                f"HDF5 store {path} is truncated (shorter than its own header says: a copy cut "
+                "short, or a disk that filled up); the data past the cut is gone: recapture "
+                "with --overwrite (or copy the file again)"
+            ) from exc
+        if "unable to lock" in text or "lock file" in text:
             raise StoreError(
                 f"HDF5 store {path} is open for writing by another process (a running capture?) "
                 "and HDF5 allows no reader meanwhile; wait for it, or use the zarr backend to "
@@ -117,6 +136,7 @@ class Hdf5Store(Store):
     def __init__(self, path: Path, writable: bool):
         super().__init__(path, writable)
         self._f = open_h5(self.path, writable)
+        self._unflushed = 0  # bytes of rows written since the last flush (at most in HDF5's caches)
 
     @property
     def reduce_dir(self) -> Path:
@@ -172,7 +192,17 @@ class Hdf5Store(Store):
         return self._ds(name)[start:stop]
 
     def _write_rows(self, name: str, start: int, a: np.ndarray) -> None:
+        self._check_space(a.nbytes)
         self._ds(name)[start : start + len(a)] = a
+        self._unflushed += a.nbytes
+
+    def _check_space(self, nbytes: int) -> None:
+        """OSError(ENOSPC) before HDF5 could meet a full disk (module docstring)."""
+        need = int((self._unflushed + nbytes) * 1.1) + SPACE_MARGIN
+        free = free_bytes(self.path.parent)
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free, the next "
+                          f"write needs up to {need})", str(self.path))
 
     def _resize(self, name: str, rows: int) -> None:
         self._ds(name).resize(rows, axis=0)
@@ -219,3 +249,9 @@ class Hdf5Store(Store):
 
     def _flush(self) -> None:
         self._f.flush()
+        self._unflushed = 0
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes the file system holding ``directory`` has free for us (a test replaces it)."""
+    return shutil.disk_usage(directory).free

@@ -92,6 +92,13 @@ class ZarrStore(Store):
                     f"no input {name!r} in {self.path}; it has {len(self._input_names())} inputs "
                     "(list them with `coala-stream status`)"
                 ) from None
+            except ValueError as exc:  # a truncated or overwritten zarr.json (JSONDecodeError)
+                meta = self.path / "inputs" / name / "zarr.json"
+                raise StoreError(
+                    f"{meta} is damaged ({type(exc).__name__}: {exc}): input {name!r} cannot be "
+                    f"read; restore the file from a copy of the store, or recapture with "
+                    f"--overwrite"
+                ) from exc
         return self._arrays[name]
 
     def _input_attrs(self, name: str) -> dict:
