@@ -22,9 +22,11 @@ from .errors import DataError, StoreError
 FORMAT = "coala-stream/applied-factors"
 # Why the only fix is to start over: the later blocks ran (and were captured) through these
 # factors, and refined ones cannot be recomputed from R.
-LOST = ("the factors applied to that block cannot be recomputed from the store (the blocks "
-        "after it were captured through them): rerun the same command with --overwrite to start "
-        "the capture (or compress) over")
+def _lost(store) -> str:
+    return ("the factors applied to that block cannot be recomputed from the store (the blocks "
+            "after it were captured through them): start over, with compress --overwrite (it "
+            f"restarts its work directory) or, for capture --propagate, by deleting {store.path} "
+            "and rerunning the capture")
 
 
 def block_path(store, k: int) -> Path:
@@ -50,7 +52,7 @@ def read_block(store, k: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tenso
     try:
         tensors, meta = checkpoint.load_state(path)
     except DataError as exc:
-        raise StoreError(f"{exc.args[0].split(';')[0]}: {LOST}") from exc
+        raise StoreError(f"{exc.args[0].split(';')[0]}: {_lost(store)}") from exc
     if meta.get("format") != FORMAT or meta.get("block") != k:
         raise StoreError(f"{path} is not the applied-factors file of block {k}; delete "
                          f"{path.parent} and rerun the capture")
@@ -78,15 +80,16 @@ def check_blocks(store, before: int | None = None) -> None:
             break
         path = block_path(store, k)
         if not path.is_file():
-            raise StoreError(f"{path} is missing: block {k} was compressed, {LOST}")
+            raise StoreError(f"{path} is missing: block {k} was compressed, {_lost(store)}")
         try:
             meta = checkpoint.load_meta(path)
         except DataError as exc:
-            raise StoreError(f"{exc.args[0].split(';')[0]}: {LOST}") from exc
+            raise StoreError(f"{exc.args[0].split(';')[0]}: {_lost(store)}") from exc
         if meta.get("format") != FORMAT or meta.get("block") != k \
                 or int(meta.get("groups_done", 0)) < groups:
             raise StoreError(f"{path} does not hold the {groups} groups of block {k} (it says "
-                             f"block {meta.get('block')}, {meta.get('groups_done')} groups): {LOST}")
+                             f"block {meta.get('block')}, {meta.get('groups_done')} groups): "
+                             f"{_lost(store)}")
 
 
 def read_all(store) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[dict]]:

@@ -141,6 +141,8 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     work = config.work_dir()
+    if config.overwrite and (work / MARK).is_file():  # start the work over, as --help says
+        shutil.rmtree(work)  # (check() refused a --work that is not compress's own)
     work.mkdir(parents=True, exist_ok=True)
     # a resumed run computes with the count the work directory was started with (D0)
     threads, note = resumed_threads(_recorded_threads(work), config.threads,

@@ -196,9 +196,8 @@ def output_factors(
     the objective is already at its floor; the remaining columns of A are the
     top left singular vectors of the residual W - U U^T W (as coala_factors).
 
-    Cost: one SVD of an m x k1 matrix (as coala_factors); for alpha > 0 a
-    triangular solve with r right-hand sides, or, when R11 is ill-conditioned,
-    an SVD of R11 (k1 x n) as well.
+    Cost: one SVD of an m x k1 matrix (as coala_factors); for alpha > 0 a triangular
+    solve with r right-hand sides, or an SVD of R11 (k1 x n) when it is ill-conditioned.
 
     Args:
         W: weight (m x n), any float dtype.
