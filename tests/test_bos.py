@@ -90,7 +90,8 @@ def test_calibration_window_is_bos_plus_seq_len_minus_one_text_tokens(bos_model_
     assert cal.tokens_sha256 != plain.tokens_sha256
 
 
-def test_capture_records_bos_and_stores_the_bos_position(bos_model_dir, text_file, tmp_path):
+def test_capture_records_bos_and_stores_the_bos_position(bos_model_dir, text_file, tmp_path,
+                                                           capsys):
     out = tmp_path / "s.zarr"
     run_capture(CaptureConfig(out=str(out), model=str(bos_model_dir), data=str(text_file),
                               **SMALL), progress=False)
@@ -103,6 +104,8 @@ def test_capture_records_bos_and_stores_the_bos_position(bos_model_dir, text_fil
                                     bos=tok.bos_token_id)
     want = hooked_inputs(bos_model_dir, "float32", cal.ids, 2)["model.layers.0.self_attn.q_proj"]
     assert torch.equal(got, want)  # row 0 of each sample is the BOS position's input
+    assert main(["status", str(out)]) == 0
+    assert "4 x 32 tokens, seed 0, each window [BOS] + text" in capsys.readouterr().out
 
     # a resume (or rerun) whose --bos resolves otherwise is refused, naming --bos
     with pytest.raises(StoreError, match=r"--bos \(the token .*store has 0, this run asks for None"):
