@@ -25,6 +25,16 @@ The text is tokenized once, without special tokens, and ``samples`` windows of
 (deterministic for a seed; same protocol as GPTQ / SVD-LLM calibration except
 that windows never overlap). `shard_calibration` cuts that draw into
 contiguous parts for ``capture --shard I/N``.
+
+BOS (``--bos``, `bos_token`): a model whose tokenizer starts every text with a
+BOS token (Gemma, Llama 3, Mistral) is used with one, so its windows get one
+too. A window is then ``[BOS] + seq_len - 1`` text tokens: the model sees
+``seq_len`` tokens either way (same positions, memory and chunk arithmetic),
+and the BOS position's activations are captured like any other, because the
+model computes them in use. Without BOS a window is ``seq_len`` text tokens.
+`evaluate` cuts its windows the same way (`with_bos`), so in both layouts
+``seq_len - 1`` tokens per window are predicted and counted: with BOS every
+text token of the window, without it all but the first.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ BUILTIN_ALL = "builtin:all"
 BUILTIN_NAMES = (BUILTIN, BUILTIN_HELDOUT, BUILTIN_ALL)
 HELDOUT_FRACTION = 0.2
 RECORD_SEPARATOR = "\n\n"  # between records' texts, as between builtin topics
+BOS_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Calibration:
     shard: (index, count) of a part made by `shard_calibration`, None for the whole draw.
     sample_range: (start, stop) of these windows among all the draw's samples.
     shard_tokens_sha256: of ``ids`` alone; equals tokens_sha256 for the whole draw.
+    bos_token_id: the token that starts each window (column 0 of ``ids``), None for none.
     """
 
     ids: torch.Tensor
@@ -79,6 +91,7 @@ class Calibration:
     shard: tuple[int, int] | None = None
     sample_range: tuple[int, int] | None = None
     shard_tokens_sha256: str = ""
+    bos_token_id: int | None = None
 
     def attrs(self) -> dict:
         """What a store keeps about its calibration, in JSON types (lists, not tuples,
@@ -88,7 +101,8 @@ class Calibration:
                 "tokens_sha256": self.tokens_sha256, "text_tokens": self.text_tokens,
                 "shard": None if self.shard is None else list(self.shard),
                 "sample_range": None if self.sample_range is None else list(self.sample_range),
-                "shard_tokens_sha256": self.shard_tokens_sha256}
+                "shard_tokens_sha256": self.shard_tokens_sha256,
+                "bos_token_id": self.bos_token_id}
 
 
 @dataclass(frozen=True)
@@ -289,14 +303,60 @@ def window_starts(total: int, samples: int, seq_len: int, seed: int) -> list[int
     return starts[order].tolist()
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` called with its defaults starts a text with its BOS token."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", return_attention_mask=False, verbose=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, return_attention_mask=False,
+                      verbose=False)["input_ids"]
+    return bool(ids) and ids[0] == bos and plain[:1] != [bos]
+
+
+def bos_token(tokenizer, mode: str) -> int | None:
+    """The token id that starts each window for ``--bos mode``, None for none.
+
+    auto: the BOS token when the tokenizer adds one by default (see `adds_bos`);
+    always: the BOS token (UsageError if the tokenizer has none); never: None.
+    """
+    check_bos_mode(mode)
+    if mode == "never" or (mode == "auto" and not adds_bos(tokenizer)):
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise UsageError("--bos always: this model's tokenizer has no BOS token; use --bos auto "
+                         "or --bos never")
+    return int(bos)
+
+
+def check_bos_mode(mode: str) -> None:
+    if mode not in BOS_MODES:
+        raise UsageError(f"--bos must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+
+
+def text_per_window(seq_len: int, bos: int | None) -> int:
+    """Text tokens in a window of ``seq_len`` model tokens: one fewer with a BOS in front."""
+    return seq_len - (bos is not None)
+
+
+def with_bos(text_windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(n x L) text windows -> (n x L + 1) with ``bos`` in column 0; unchanged for None."""
+    if bos is None:
+        return text_windows
+    first = torch.full((text_windows.shape[0], 1), bos, dtype=text_windows.dtype)
+    return torch.cat([first, text_windows], dim=1)
+
+
 def calibration_windows(tokenizer, data: str | Source, samples: int, seq_len: int, seed: int = 0,
                         max_len: int | None = None, *, text_field: str = "text",
-                        chat_template: bool = False) -> Calibration:
+                        chat_template: bool = False, bos: int | None = None) -> Calibration:
     """Tokenize ``data`` and draw the windows; see module docstring.
 
     ``data`` is a ``--data`` string, read with `read_data` (``text_field``,
     ``chat_template``), or a `Source` already read, whose own field and chat
-    template setting then apply.
+    template setting then apply. ``bos`` (from `bos_token`) starts each window:
+    ``[bos] + seq_len - 1`` text tokens, so every window is still ``seq_len`` long.
     """
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
@@ -304,24 +364,26 @@ def calibration_windows(tokenizer, data: str | Source, samples: int, seq_len: in
     src = data if isinstance(data, Source) else read_data(data, text_field, chat_template)
     ids = tokenizer(src.render(tokenizer), add_special_tokens=False,
                     return_attention_mask=False, verbose=False)["input_ids"]
-    total = len(ids)
-    if total < samples * seq_len:
-        fit = total // seq_len
+    total, span = len(ids), text_per_window(seq_len, bos)
+    if total < samples * span:
+        fit = total // span
+        what = f"{span} text tokens (--seq-len {seq_len} less the BOS)" if bos is not None \
+            else f"{seq_len} tokens"
         raise CoalaError(
             f"calibration text {src.source} is too short: {total} tokens, but {samples} samples x "
-            f"{seq_len} tokens need {samples * seq_len}; at most {fit} samples of {seq_len} "
-            f"tokens fit (use --samples {fit} or a shorter --seq-len, or a longer text)"
+            f"{what} need {samples * span}; at most {fit} samples fit (use --samples {fit} or a "
+            f"shorter --seq-len, or a longer text)"
             if fit else
             f"calibration text {src.source} is too short: {total} tokens, fewer than one window "
-            f"of --seq-len {seq_len}; use a longer text or a shorter --seq-len")
+            f"of {what}; use a longer text or a shorter --seq-len")
     all_ids = torch.tensor(ids, dtype=torch.int64)
-    starts = window_starts(total, samples, seq_len, seed)
-    windows = torch.stack([all_ids[s:s + seq_len] for s in starts])
+    starts = window_starts(total, samples, span, seed)
+    windows = with_bos(torch.stack([all_ids[s:s + span] for s in starts]), bos)
     digest = _tokens_sha256(windows)
     return Calibration(ids=windows, starts=starts, source=src.source, sha256=src.sha256,
                        tokens_sha256=digest, text_tokens=total, format=src.format,
                        field=src.field, chat_template=src.chat_template,
-                       sample_range=(0, samples), shard_tokens_sha256=digest)
+                       sample_range=(0, samples), shard_tokens_sha256=digest, bos_token_id=bos)
 
 
 def _tokens_sha256(windows: torch.Tensor) -> str:

@@ -67,6 +67,7 @@ class CompressConfig:
     samples: int = _like(SequentialConfig, "samples")
     seq_len: int = _like(SequentialConfig, "seq_len")
     seed: int = _like(SequentialConfig, "seed")
+    bos: str = _like(SequentialConfig, "bos")
     dtype: str = _like(SequentialConfig, "dtype")
     device: str = _like(SequentialConfig, "device")
     objective: str = _like(SequentialConfig, "objective", default="output")
@@ -100,7 +101,7 @@ class CompressConfig:
         shared = dict(out=str(out), model=self.model, gguf_file=self.gguf_file, data=self.data,
                       text_field=self.text_field, chat_template=self.chat_template,
                       samples=self.samples, seq_len=self.seq_len, seed=self.seed,
-                      dtype=self.dtype, device=self.device, threads=self.threads,
+                      bos=self.bos, dtype=self.dtype, device=self.device, threads=self.threads,
                       overwrite=self.overwrite, sequential=True)
         if not propagate:
             return SequentialConfig(**shared)

@@ -8,6 +8,13 @@ tokens (``seq_len - 1`` per window). GPTQ / SVD-LLM weight each window by
 ``seq_len`` instead of ``seq_len - 1``; with equal-length windows both give the
 same mean.
 
+BOS (``--bos``, as capture's, `calib.bos_token`): for a model whose tokenizer
+starts every text with a BOS token (Gemma, Llama 3), each window is ``[BOS] +
+seq_len - 1`` text tokens, the text cut every ``seq_len - 1`` tokens; every text
+token is predicted (the first one from the BOS alone), so again ``seq_len - 1``
+per window. For a tokenizer that adds none (SmolLM2, Qwen2.5) ``auto`` is the
+plain protocol above, figure for figure.
+
 Text: for a file, its contents with line endings normalised to ``\\n`` (CRLF ->
 LF, as Python's text mode reads it), *not* GPTQ's ``"\\n\\n".join`` of the
 dataset's rows: the shared ``wiki.test.raw`` holds only the non-empty rows, so
@@ -63,6 +70,11 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={
         "help": "auto: the saved dtype (GGUF loads as float32)",
         "choices": ("auto", *models.DTYPES)})
+    bos: str = field(default="auto", metadata={
+        "help": "start each window with the tokenizer's BOS token ([BOS] + --seq-len - 1 text "
+                "tokens, every text token predicted): auto when the tokenizer adds one by default "
+                "(Gemma, Llama 3; SmolLM2's and Qwen2.5's do not, so their windows stay plain "
+                "text), always, or never", "choices": calib.BOS_MODES})
 
 
 @dataclass
@@ -82,11 +94,13 @@ class PerplexityResult:
     device: str
     seconds: float
     threads: int  # torch CPU threads it ran on
+    bos_token_id: int | None = None  # the token that started each window, None for none
 
     def line(self) -> str:
         name = self.data.split(": ", 1)[0] + " text" if self.data.startswith("builtin") \
             else Path(self.data).name
-        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens of {name} "
+        bos = "" if self.bos_token_id is None else " (BOS + text)"
+        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens{bos} of {name} "
                 f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s, "
                 f"{self.threads} torch thread{'' if self.threads == 1 else 's'})")
 
@@ -103,19 +117,23 @@ def token_ids(tokenizer, text: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
-               device="cpu", batch_size: int = 1, progress: bool = False) -> tuple[float, int, int]:
+               device="cpu", batch_size: int = 1, progress: bool = False,
+               bos: int | None = None) -> tuple[float, int, int]:
     """Sum of token NLLs over non-overlapping windows of ``ids``: (nll_sum, predicted, windows).
 
-    Window i is ``ids[i*seq_len:(i+1)*seq_len]``; its first token is context
-    only. Logits are upcast to float32 for the log-softmax.
+    Without ``bos`` window i is ``ids[i*L:(i+1)*L]`` (L = seq_len), its first token
+    context only; with it, ``[bos] + ids[i*(L-1):(i+1)*(L-1)]``, every text token
+    predicted. Logits are upcast to float32 for the log-softmax.
     """
-    windows = ids.numel() // seq_len
+    span = calib.text_per_window(seq_len, bos)
+    windows = ids.numel() // span
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows < 1:
         raise CoalaError(f"the text has {ids.numel()} tokens, fewer than one window of "
                          f"--seq-len {seq_len}; use a longer text or a shorter --seq-len")
-    batches = ids[: windows * seq_len].view(windows, seq_len).split(batch_size)
+    text = ids[: windows * span].view(windows, span)
+    batches = calib.with_bos(text, bos).split(batch_size)
     total = 0.0
     with progress_bar(windows, "eval", "window", enabled=progress) as bar:
         for batch in batches:
@@ -130,14 +148,17 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 512, max_windows: int | None = None,
-               device="cpu", batch_size: int = 1, progress: bool = False) -> dict:
-    """ppl, nll, windows, predicted_tokens, text_tokens of ``model`` on ``text`` (see module doc)."""
+               device="cpu", batch_size: int = 1, progress: bool = False,
+               bos: str = "auto") -> dict:
+    """ppl, nll, windows, predicted_tokens, text_tokens, bos_token_id of ``model`` on
+    ``text`` (see module doc); ``bos`` is a `calib.BOS_MODES` word."""
+    bos_id = calib.bos_token(tokenizer, bos)
     ids = token_ids(tokenizer, normalise_newlines(text))
     nll_sum, predicted, windows = window_nll(model, ids, seq_len, max_windows, device,
-                                             batch_size, progress)
+                                             batch_size, progress, bos_id)
     nll = nll_sum / predicted
     return {"ppl": math.exp(nll), "nll": nll, "windows": windows,
-            "predicted_tokens": predicted, "text_tokens": ids.numel()}
+            "predicted_tokens": predicted, "text_tokens": ids.numel(), "bos_token_id": bos_id}
 
 
 def normalise_newlines(text: str) -> str:
@@ -172,7 +193,7 @@ def evaluate(config: EvalConfig | None = None, progress: bool = True, **override
         calib.check_seq_len(config.seq_len, models.max_positions(net.config))
         net.to(device)
         res = perplexity(net, tokenizer, text, config.seq_len, config.max_windows, device,
-                         config.batch_size, progress)
+                         config.batch_size, progress, config.bos)
         threads = torch.get_num_threads()
     dtype = str(next(net.parameters()).dtype).removeprefix("torch.")
     return PerplexityResult(data=source, model=name, model_format=fmt, seq_len=config.seq_len,
@@ -185,6 +206,7 @@ def _validate(config: EvalConfig) -> None:
         raise UsageError(f"--max-windows must be at least 1, got {config.max_windows}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    calib.check_bos_mode(config.bos)
     if config.dtype != "auto" and config.dtype not in models.DTYPES:
         raise UsageError(f"--dtype must be auto or one of {', '.join(models.DTYPES)}, "
                          f"got {config.dtype!r}")

@@ -45,6 +45,8 @@ SAME = (
     ("model config (config_sha256)", ("model", "config_sha256")),
     ("tokenizer", ("tokenizer",)),
     ("calibration data sha256", ("calibration", "sha256")),
+    # before the draw's hash, which a BOS changes too: the message names the option
+    ("--bos (the token that starts each window)", ("calibration", "bos_token_id")),
     ("calibration draw (tokens_sha256)", ("calibration", "tokens_sha256")),
     ("calibration field", ("calibration", "field")),
     ("--chat-template", ("calibration", "chat_template")),

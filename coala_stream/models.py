@@ -185,6 +185,39 @@ def _gguf_kwargs(gguf_file: str | None) -> dict:
     return {"gguf_file": gguf_file}
 
 
+def _dequantized(gguf_file: str | None) -> dict:
+    """For a GGUF model: ask transformers to unpack every weight into a plain tensor (newer
+    versions may otherwise keep them in GGUF blocks, which nothing here can hook or factor)."""
+    if gguf_file is None:
+        return {}
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers: de-quantising is all it does
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def release_gguf_quantizer(model, what: str):
+    """``model`` without the GGUF quantizer transformers leaves on a de-quantised GGUF model.
+
+    transformers 5 keeps it attached although every weight is a plain float tensor, and
+    ``save_pretrained`` then refuses ("quantized with gguf and is not serializable"), so
+    saving a GGUF-loaded model (ours or a user's) would fail. Checked first: a weight that is
+    not floating point is still packed, and then the model is refused (CoalaError), not saved
+    as bytes that mean something else.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return model
+    packed = [k for k, t in model.state_dict().items() if not t.is_floating_point()]
+    if packed:
+        raise CoalaError(f"{what}: transformers kept {len(packed)} weights in packed GGUF "
+                         f"blocks (e.g. {packed[0]}), which cannot be hooked or factored; convert "
+                         f"the GGUF to a float32 Hugging Face directory first and pass that")
+    quantizer.remove_quantization_config(model)
+    return model
+
+
 def load_config(spec: ModelSpec):
     """The model's transformers config (cheap for an HF dir; parses the GGUF header for GGUF)."""
     from transformers import AutoConfig
@@ -223,7 +256,8 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
 
     d, gguf_file = spec.resolve()
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    kwargs = dict(local_files_only=True, dtype=torch_dtype, **_gguf_kwargs(gguf_file))
+    kwargs = dict(local_files_only=True, dtype=torch_dtype, **_gguf_kwargs(gguf_file),
+                  **_dequantized(gguf_file))
     if config is not None:
         kwargs["config"] = config
     bars = hf_logging.is_progress_bar_enabled()
@@ -237,6 +271,7 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    release_gguf_quantizer(model, spec.describe())
     model.eval()
     model.requires_grad_(False)
     return model.to(device)

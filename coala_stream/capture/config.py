@@ -51,6 +51,12 @@ class CaptureConfig:
                                                "metavar": "N"})
     seq_len: int = field(default=512, metadata={"help": "tokens per window", "metavar": "TOKENS"})
     seed: int = field(default=0, metadata={"help": "seed of the random window positions"})
+    bos: str = field(default="auto", metadata={
+        "help": "start each window with the tokenizer's BOS token, so the model sees [BOS] + "
+                "--seq-len - 1 text tokens: auto when the tokenizer adds a BOS by default (Gemma, "
+                "Llama 3, Mistral; not SmolLM2 or Qwen2.5, whose windows stay plain text), always, "
+                "or never; recorded in the store (a resume with another outcome is refused)",
+        "choices": calib.BOS_MODES})
     layers: str | None = field(default=None, metadata={
         "help": "regular expression (re.search on module names) selecting the nn.Linear layers "
                 "to capture; default: every nn.Linear except the output embeddings (lm_head)",
@@ -150,6 +156,7 @@ class CaptureConfig:
         if self.samples < 1:
             raise UsageError(f"--samples must be at least 1, got {self.samples}")
         calib.check_seq_len(self.seq_len, None)
+        calib.check_bos_mode(self.bos)
         if self.shard is not None:
             self.shard_part()
         if not self.chat_template and not self.text_field:

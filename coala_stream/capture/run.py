@@ -72,7 +72,8 @@ def plan_capture(config: CaptureConfig, extra_settings: dict | None = None) -> P
     dtype = models.resolve_dtype(config.dtype, cfg, config.model)
     tokenizer = models.load_tokenizer(config.model)
     cal = calib.calibration_windows(tokenizer, data, config.samples, config.seq_len,
-                                    config.seed, models.max_positions(cfg))
+                                    config.seed, models.max_positions(cfg),
+                                    bos=calib.bos_token(tokenizer, config.bos))
     if part is not None:  # the whole draw first, so every part comes from the same windows
         cal = calib.shard_calibration(cal, *part)
     attrs = store_attrs(config, cfg, tokenizer, cal, dtype, chunk_tokens, batch_size, device,

@@ -35,6 +35,9 @@ HARD_SETTINGS = (
     ("samples", ("calibration", "samples")),
     ("seq_len", ("calibration", "seq_len")),
     ("seed", ("calibration", "seed")),
+    # what --bos resolved to, not the word: auto and never are the same windows for a tokenizer
+    # that adds no BOS, and stores made before --bos (no key) had none
+    ("--bos (the token that starts each window; None: no BOS)", ("calibration", "bos_token_id")),
     ("dtype", ("dtype",)),
     ("chunk_tokens", ("chunk_tokens",)),
     ("layers", ("capture_settings", "layers")),
@@ -73,7 +76,7 @@ def store_attrs(config: CaptureConfig, cfg, tokenizer, cal: calib.Calibration, d
         "tokenizer": models.tokenizer_attrs(tokenizer),
         # samples is the whole draw's count; a --shard part's own is its sample_range
         "calibration": {**cal.attrs(), "samples": config.samples, "seq_len": config.seq_len,
-                        "seed": config.seed},
+                        "seed": config.seed, "bos": config.bos},
         "dtype": dtype,
         "chunk_tokens": chunk_tokens,
         "capture": {"samples_done": 0, "complete": False},

@@ -49,7 +49,8 @@ def render(s: dict) -> str:
         f"written by coala-stream {s['tool_version']})",
         f"model       {model.get('name_or_path') or model.get('path') or '?'}",
         f"calibration {calib.get('source', '?')}: {calib.get('samples', '?')} x "
-        f"{calib.get('seq_len', '?')} tokens, seed {calib.get('seed', '?')}",
+        f"{calib.get('seq_len', '?')} tokens, seed {calib.get('seed', '?')}"
+        f"{'' if calib.get('bos_token_id') is None else ', each window [BOS] + text'}",
         f"dtype       {s['dtype']}, chunks of {s['chunk_tokens']} tokens",
         f"capture     {_capture_line(cap)}{_shard(calib)}",
         *_merged(s.get("merged_from")),
