@@ -51,6 +51,7 @@ __all__ = [
     "output_factors",
     "output_error",
     "relative_output_error",
+    "OutputProblem",
 ]
 
 # The condition-number estimate of R11 must be at least this far below 1 / rtol
@@ -90,10 +91,7 @@ def target_r(R_full: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
     upper-trapezoidal with diag >= 0 where R_full's is. Costs k n flops.
     """
     _check_r_full(R_full, n)
-    alpha = _check_alpha(alpha)
-    out = R_full.clone()
-    out[:, n:] = (1.0 - alpha) * R_full[:, :n] + alpha * R_full[:, n:]
-    return out
+    return _mix(R_full, n, _check_alpha(alpha))
 
 
 def regularize_pair(R_full: torch.Tensor, n: int, mu: float) -> torch.Tensor:
@@ -105,11 +103,7 @@ def regularize_pair(R_full: torch.Tensor, n: int, mu: float) -> torch.Tensor:
     ``fold_block`` of n rows of width 2n (about 2 (k + n) (2n)^2 flops).
     """
     _check_r_full(R_full, n)
-    mu = check_mu(mu)
-    if mu == 0.0:
-        return R_full
-    eye = torch.eye(n, dtype=R_full.dtype, device=R_full.device) * math.sqrt(mu)
-    return fold_block(R_full, torch.cat([eye, eye], dim=1))
+    return _regularize(R_full, n, check_mu(mu))
 
 
 def output_svd(
@@ -143,8 +137,10 @@ def output_svd(
         rank-independent floor ||R22' W^T||^2, plus ||W R12'^T (I - P)||^2 in
         the singular case), so global rank allocation on S works unchanged.
     """
-    U, S, V, R11, _ = _solve_parts(W, R_full, alpha, mu, rtol)
-    return U, S, V, R11
+    check_matrix("W", W)
+    problem = OutputProblem(R_full, W.shape[1], alpha, mu, rtol=rtol)
+    U, S, V = problem.svd(W)
+    return U, S, V, problem.working(W)[0]
 
 
 def output_factors(
@@ -216,17 +212,8 @@ def output_factors(
     """
     check_matrix("W", W)
     check_rank(rank, *W.shape)
-    U, S, V, R11, solve = _solve_parts(W, R_full, alpha, mu, rtol)
-    W = W.to(U.dtype)
-    A = U[:, :rank]
-    if rank > A.shape[1]:
-        A = torch.cat([A, residual_directions(W, A, rank - A.shape[1])], dim=1)
-    Bt = W.T @ A
-    if solve is not None:
-        shift, pinv = solve
-        Bt = Bt + float(alpha) * pinv(shift @ Bt)
-    B = Bt.T.contiguous()
-    return (A, B, S) if return_singular_values else (A, B)
+    problem = OutputProblem(R_full, W.shape[1], alpha, mu, rtol=rtol)
+    return problem.factors(W, rank, return_singular_values=return_singular_values)
 
 
 def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R_full: torch.Tensor,
@@ -236,24 +223,173 @@ def output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R_full: torc
     = ||R12' W^T - R11 (A B)^T||^2 + ||R22' W^T||^2 (+ the mu rows, folded in
     by ``regularize_pair``). Costs O(k n (m + r)) flops.
     """
-    return _output_error(W, A, B, R_full, alpha, mu)[0]
+    _check_factors(W, A, B)
+    return OutputProblem(R_full, W.shape[1], alpha, mu).error(W, A, B)[0]
 
 
 def relative_output_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R_full: torch.Tensor,
                           alpha: float, mu: float = 0.0) -> float:
     """``output_error`` divided by ||T W^T||_F^2 + mu ||W||_F^2 (0 when both are 0)."""
-    err, Rt = _output_error(W, A, B, R_full, alpha, mu)
-    n = W.shape[1]
-    total = float(torch.linalg.norm(Rt[:, n:] @ W.to(torch.float64).T) ** 2)
-    return err / total if total > 0 else 0.0
+    _check_factors(W, A, B)
+    return OutputProblem(R_full, W.shape[1], alpha, mu).relative_error(W, A, B)
 
 
 # -- helpers -----------------------------------------------------------------
 
 
-def _output_error(W, A, B, R_full, alpha, mu) -> tuple[float, torch.Tensor]:
-    """(``output_error``, the float64 target factor it used): the relative error divides by
-    a norm of that same factor, so it is prepared (mu folded in, the target mixed) once."""
+def _mix(R_full: torch.Tensor, n: int, alpha: float) -> torch.Tensor:
+    """``target_r`` without the checks."""
+    out = R_full.clone()
+    out[:, n:] = (1.0 - alpha) * R_full[:, :n] + alpha * R_full[:, n:]
+    return out
+
+
+def _regularize(R_full: torch.Tensor, n: int, mu: float) -> torch.Tensor:
+    """``regularize_pair`` without the checks."""
+    if mu == 0.0:
+        return R_full
+    eye = torch.eye(n, dtype=R_full.dtype, device=R_full.device) * math.sqrt(mu)
+    return fold_block(R_full, torch.cat([eye, eye], dim=1))
+
+
+class OutputProblem:
+    """The output objective of one input: R_full of [Xh | X], alpha, mu and rtol, validated
+    once and prepared once for every layer that reads that input (q/k/v, gate/up).
+
+    What depends on the input alone is computed at first use and kept: the regularised
+    R11 and R12 in the working dtype (``working``), the choice between the triangular
+    solve and R11's SVD with the SVD itself (``_solver``), and the float64 target factor
+    of the error (``_target64``). Layer methods (``svd``, ``factors``, ``error``,
+    ``relative_error``) check only W (and A, B); they return what ``output_svd``,
+    ``output_factors``, ``output_error`` and ``relative_output_error`` return.
+    """
+
+    def __init__(self, R_full: torch.Tensor, n: int, alpha: float, mu: float = 0.0, *,
+                 rtol: float | None = None):
+        _check_r_full(R_full, n)
+        self.R_full, self.n = R_full, n
+        self.alpha, self.mu = _check_alpha(alpha), check_mu(mu)
+        if rtol is not None and (
+            isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0.0 <= rtol < 1.0
+        ):
+            raise UsageError(f"rtol: expected None or a number in [0, 1), got {rtol!r}")
+        self.rtol = rtol
+        self._working: dict = {}  # (dtype, device) -> (R11, R12)
+        self._solvers: dict = {}  # (dtype, device) -> solver (see _solver)
+        self._target: dict = {}  # device -> float64 target factor
+
+    def working(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R11, R12) of the regularised factor in the working dtype of W (the wider of W's
+        and R_full's, at least float32), on W's device."""
+        dtype = torch.promote_types(torch.promote_types(W.dtype, self.R_full.dtype),
+                                    torch.float32)
+        key = (dtype, W.device)
+        if key not in self._working:
+            R = self.R_full.to(device=W.device, dtype=dtype)
+            R = _regularize(R, self.n, self.mu)
+            self._working[key] = (R[:self.n, :self.n], R[:self.n, self.n:])
+        return self._working[key]
+
+    def svd(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, V) of ``output_svd``."""
+        self._check_w(W)
+        return self._svd(W)
+
+    def _svd(self, W):
+        R11, R12 = self.working(W)
+        W = W.to(R11.dtype)
+        if self.alpha == 0.0:
+            U, S, Vh = torch.linalg.svd(W @ R11.T, full_matrices=False)
+            return U, S, Vh.T
+        G = W @ ((1.0 - self.alpha) * R11 + self.alpha * R12).T
+        P1 = self._solver(W)[2]
+        if P1 is None:
+            U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+            return U, S, Vh.T
+        U, S, Vh = torch.linalg.svd(G @ P1, full_matrices=False)
+        return U, S, P1 @ Vh.T
+
+    def factors(self, W: torch.Tensor, rank: int, *, return_singular_values: bool = False):
+        """(A, B) or (A, B, S) of ``output_factors``."""
+        self._check_w(W)
+        check_rank(rank, *W.shape)
+        U, S, _ = self._svd(W)
+        W = W.to(U.dtype)
+        A = U[:, :rank]
+        if rank > A.shape[1]:
+            A = torch.cat([A, residual_directions(W, A, rank - A.shape[1])], dim=1)
+        Bt = W.T @ A
+        if self.alpha != 0.0:
+            shift, pinv, _ = self._solver(W)
+            Bt = Bt + self.alpha * pinv(shift @ Bt)
+        B = Bt.T.contiguous()
+        return (A, B, S) if return_singular_values else (A, B)
+
+    def error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float]:
+        """(``output_error``, ||T W^T||_F^2 + mu ||W||_F^2), both in float64: the products
+        R12' W^T and R22' W^T serve both sums."""
+        _check_factors(W, A, B)
+        self._check_w(W)
+        Rt = self._target64(W.device)
+        n, F64 = self.n, torch.float64
+        Wd, Ad, Bd = W.to(F64), A.to(device=W.device, dtype=F64), B.to(device=W.device, dtype=F64)
+        G = Rt[:n, n:] @ Wd.T
+        floor = float(torch.linalg.norm(Rt[n:, n:] @ Wd.T) ** 2)
+        D = G - (Rt[:n, :n] @ Bd.T) @ Ad.T
+        return (float(torch.linalg.norm(D) ** 2) + floor,
+                float(torch.linalg.norm(G) ** 2) + floor)
+
+    def relative_error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
+        """``relative_output_error``."""
+        err, total = self.error(W, A, B)
+        return err / total if total > 0 else 0.0
+
+    def _check_w(self, W) -> None:
+        check_matrix("W", W)
+        if W.shape[1] != self.n:
+            raise UsageError(f"W: expected {self.n} columns (the input features of R_full), "
+                             f"got shape {tuple(W.shape)}")
+
+    def _target64(self, device) -> torch.Tensor:
+        if device not in self._target:
+            R = _regularize(self.R_full.to(device=device, dtype=torch.float64), self.n, self.mu)
+            self._target[device] = _mix(R, self.n, self.alpha)
+        return self._target[device]
+
+    def _solver(self, W: torch.Tensor):
+        """(R12 - R11, R11^+ as a function, P1): the triangular solve when R11 is clearly
+        nonsingular (P1 None), else R11's SVD restricted to its numerical range (P1 its
+        left singular vectors). Once per working dtype and device."""
+        R11, R12 = self.working(W)
+        key = (R11.dtype, R11.device)
+        if key not in self._solvers:
+            rtol = self.rtol
+            if rtol is None:
+                rtol = max(R11.shape) * torch.finfo(R11.dtype).eps
+            if _nonsingular(R11, rtol):
+                self._solvers[key] = (R12 - R11, _triangular_solve(R11), None)
+            else:
+                P1, sig, Q1h = torch.linalg.svd(R11, full_matrices=False)
+                keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
+                p = int(keep.sum())
+                self._solvers[key] = (R12 - R11, _range_solve(P1[:, :p], sig[:p], Q1h[:p].T),
+                                      P1[:, :p])
+        return self._solvers[key]
+
+
+def _triangular_solve(R11):
+    def pinv(Y):
+        return torch.linalg.solve_triangular(R11, Y, upper=True)
+    return pinv
+
+
+def _range_solve(P1, sig, Q1):
+    def pinv(Y):
+        return Q1 @ ((P1.T @ Y) / sig.unsqueeze(1))
+    return pinv
+
+
+def _check_factors(W, A, B) -> None:
     check_matrix("W", W)
     check_matrix("A", A)
     check_matrix("B", B)
@@ -263,55 +399,6 @@ def _output_error(W, A, B, R_full, alpha, mu) -> tuple[float, torch.Tensor]:
             f"A, B: expected (m x r) and (r x n) factors for W of {m} x {n}, "
             f"got {tuple(A.shape)} and {tuple(B.shape)}"
         )
-    Rt = _prepared_target(W, R_full, alpha, mu, torch.float64)
-    F64 = torch.float64
-    Wd, Ad, Bd = W.to(F64), A.to(device=W.device, dtype=F64), B.to(device=W.device, dtype=F64)
-    R11, R12t, R22t = Rt[:n, :n], Rt[:n, n:], Rt[n:, n:]
-    D = R12t @ Wd.T - (R11 @ Bd.T) @ Ad.T
-    return float(torch.linalg.norm(D) ** 2 + torch.linalg.norm(R22t @ Wd.T) ** 2), Rt
-
-
-def _solve_parts(W, R_full, alpha, mu, rtol):
-    """(U, S, V, R11, solve): solve is None (alpha = 0) or (R12 - R11, R11^+ as a function)."""
-    check_matrix("W", W)
-    n = W.shape[1]
-    _check_r_full(R_full, n)
-    alpha = _check_alpha(alpha)
-    mu = check_mu(mu)
-    if rtol is not None and (
-        isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0.0 <= rtol < 1.0
-    ):
-        raise UsageError(f"rtol: expected None or a number in [0, 1), got {rtol!r}")
-    dtype = torch.promote_types(torch.promote_types(W.dtype, R_full.dtype), torch.float32)
-    W = W.to(dtype)
-    R = regularize_pair(R_full.to(device=W.device, dtype=dtype), n, mu)
-    R11, R12 = R[:n, :n], R[:n, n:]
-    if alpha == 0.0:
-        U, S, Vh = torch.linalg.svd(W @ R11.T, full_matrices=False)
-        return U, S, Vh.T, R11, None
-    R12t = (1.0 - alpha) * R11 + alpha * R12
-    G = W @ R12t.T
-    if rtol is None:
-        rtol = max(R11.shape) * torch.finfo(dtype).eps
-    if _nonsingular(R11, rtol):
-
-        def pinv(Y):
-            return torch.linalg.solve_triangular(R11, Y, upper=True)
-
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        V = Vh.T
-    else:
-        P1, sig, Q1h = torch.linalg.svd(R11, full_matrices=False)
-        keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
-        p = int(keep.sum())
-        P1, sig, Q1 = P1[:, :p], sig[:p], Q1h[:p].T
-
-        def pinv(Y):
-            return Q1 @ ((P1.T @ Y) / sig.unsqueeze(1))
-
-        U, S, Vh = torch.linalg.svd(G @ P1, full_matrices=False)
-        V = P1 @ Vh.T
-    return U, S, V, R11, (R12 - R11, pinv)
 
 
 def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
@@ -353,13 +440,6 @@ def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
             return False
         inv_norm = float(torch.linalg.matrix_norm(Y, 2))
     return math.isfinite(inv_norm) and smax * inv_norm < limit
-
-
-def _prepared_target(W, R_full, alpha, mu, dtype):
-    n = W.shape[1]
-    _check_r_full(R_full, n)
-    R = regularize_pair(R_full.to(device=W.device, dtype=dtype), n, mu)
-    return target_r(R, n, alpha)
 
 
 def _check_r_full(R_full, n) -> None:

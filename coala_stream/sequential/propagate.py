@@ -280,7 +280,7 @@ def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw:
 
     device = resolve_device(str(plan.device))
     factors = factor_layers(layers, weight, lambda n: reduced_input(store, work, n, device),
-                            cfg, plan.device, settings.get("ranks"))
+                            cfg, plan.device, settings.get("ranks"), with_error=False)
     return {c: (res["A"], res["B"]) for c, res in factors.items()}
 
 

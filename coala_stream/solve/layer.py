@@ -18,7 +18,7 @@ from ..baselines import (NumericalFallbackWarning, aasvd_factors, asvd_factors, 
                          svdllm_factors)
 from ..errors import CoalaError
 from ..linalg import balance_factors, coala_factors, coala_svd, tail_energy
-from ..objective import output_factors, output_svd, relative_output_error
+from ..objective import OutputProblem
 
 if TYPE_CHECKING:
     from .config import SolveConfig
@@ -46,7 +46,8 @@ class Layer:
 
 
 def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
-                spectrum: torch.Tensor | None = None) -> dict:
+                spectrum: torch.Tensor | None = None, *, problems: dict | None = None,
+                with_error: bool = True) -> dict:
     """Factors of one layer: {"A", "B", "rel_error", "mu", "spectrum", "note", ...}.
 
     ``reduced`` is the store's ReducedInput (R, abs_sum, gram, tokens); for the output
@@ -54,35 +55,54 @@ def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
     that of the layer's inputs (`input_view` of a pair). The relative error is exact on
     the calibration data: ``||(W - A B) R^T||_F / ||W R^T||_F`` for the input objective,
     ``||T W^T - Xh (A B)^T||_F / ||T W^T||_F`` for the output objective, computed in
-    R's dtype (>= float32; float64 for the output objective).
+    R's dtype (>= float32; float64 for the output objective); ``with_error=False`` skips it
+    (rel_error None: a caller that keeps only the factors).
+
+    ``problems``: a dict the caller keeps per input (empty at first) in which the output
+    objective's per-input work (`objective.OutputProblem`: checks, R11's conditioning, the
+    float64 target) is kept for the next layer reading the same input.
     """
     out: dict = {"mu": 0.0, "note": "", "spectrum": spectrum}
     output = config.objective == "output"
-    table = OUTPUT_FACTORIZERS if output else FACTORIZERS
-    A, B = table[config.method](W, reduced, rank, config, out)
+    if output:
+        A, B = OUTPUT_FACTORIZERS[config.method](W, reduced, rank, config, out,
+                                                 {} if problems is None else problems)
+    else:
+        A, B = FACTORIZERS[config.method](W, reduced, rank, config, out)
     spectrum = out["spectrum"]
-    R = reduced.R
     if config.format == "peft":
         A, B = balance_factors(A, B)  # LoRA trains best with sqrt(S) on each side, as PiSSA's
-    if output:
-        err = relative_output_error(W, A, B, R, config.alpha, out["mu"]) ** 0.5
-    else:
-        err = relative_error(W, A, B, R)
+    err = _rel_error(W, A, B, reduced.R, config, out["mu"], problems) if with_error else None
     out.update(A=A, B=B, rel_error=err, spectrum=spectrum)
     return out
 
 
+def _rel_error(W, A, B, R, config, mu, problems) -> float:
+    if config.objective == "output":
+        problem = output_problem(R, W.shape[1], config.alpha, mu, problems)
+        return problem.relative_error(W, A, B) ** 0.5
+    return relative_error(W, A, B, R)
+
+
+def output_problem(R: torch.Tensor, n: int, alpha: float, mu: float,
+                   problems: dict | None) -> OutputProblem:
+    """The `OutputProblem` of (R, alpha, mu), from ``problems`` (kept per input) when there."""
+    if problems is None:
+        return OutputProblem(R, n, alpha, mu)
+    key = (float(alpha), float(mu))
+    if key not in problems:
+        problems[key] = OutputProblem(R, n, alpha, mu)
+    return problems[key]
+
+
 def known_factors(W: torch.Tensor, reduced, A: torch.Tensor, B: torch.Tensor,
-                  config: SolveConfig, note: str) -> dict:
+                  config: SolveConfig, note: str, problems: dict | None = None) -> dict:
     """`solve_layer`'s result for factors computed elsewhere (a propagating capture's, possibly
     refined): the same relative error and mu; no spectrum (the factors need not be optimal)."""
     n = W.shape[1]
     A, B = A.to(W.device), B.to(W.device)
     mu = absolute_mu(config, reduced.R[:n, :n]) if config.method == "coala" else 0.0
-    if config.objective == "output":
-        err = relative_output_error(W, A, B, reduced.R, config.alpha, mu) ** 0.5
-    else:
-        err = relative_error(W, A, B, reduced.R)
+    err = _rel_error(W, A, B, reduced.R, config, mu, problems)
     if config.format == "peft":
         A, B = balance_factors(A, B)
     return {"A": A, "B": B, "rel_error": err, "mu": mu, "spectrum": None, "note": note}
@@ -170,22 +190,23 @@ def relative_error(W, A, B, R) -> float:
     return float(torch.linalg.norm((Wd - A.to(dtype) @ B.to(dtype)) @ Rd.T) / total)
 
 
-def _coala_output(W, reduced, rank, config, out):
+def _coala_output(W, reduced, rank, config, out, problems):
     """The output objective, Gram-free (`objective.output_factors`): one SVD of W R12'^T."""
     n = W.shape[1]
     mu = absolute_mu(config, reduced.R[:n, :n])
     if config.adaptive_mu:
         if out["spectrum"] is None:
-            out["spectrum"] = output_svd(W, reduced.R, config.alpha)[1]
+            out["spectrum"] = output_problem(reduced.R, n, config.alpha, 0.0, problems).svd(W)[1]
         mu *= normalised_tail(out["spectrum"], rank)
-    A, B, S = output_factors(W, reduced.R, rank, config.alpha, mu, return_singular_values=True)
+    problem = output_problem(reduced.R, n, config.alpha, mu, problems)
+    A, B, S = problem.factors(W, rank, return_singular_values=True)
     if out["spectrum"] is None and mu == 0:
         out["spectrum"] = S
     out["mu"] = mu
     return A, B
 
 
-def _aasvd(W, reduced, rank, config, out):
+def _aasvd(W, reduced, rank, config, out, problems):
     """AA-SVD as its authors compute it: float32 Gram blocks of [Xh | X], Cholesky, inverse."""
     return _through_gram("aasvd", W, reduced, out,
                          lambda gram: aasvd_factors(W, gram, rank, config.alpha))
@@ -195,14 +216,15 @@ def layer_spectrum(W: torch.Tensor, reduced, config: SolveConfig) -> torch.Tenso
     """Singular values whose tail is the exact error of every rank (mu = 0), for allocation:
     of W R^T (input objective), of W R12'^T (output objective, `objective.output_svd`)."""
     if config.objective == "output":
-        return output_svd(W, reduced.R, config.alpha)[1]
+        return OutputProblem(reduced.R, W.shape[1], config.alpha).svd(W)[1]
     return coala_svd(W, reduced.R)[1]
 
 
 # method name (`config.METHODS`) -> f(W, reduced, rank, config, out) -> (A, B); f may add
 # "mu", "note", "spectrum", "gram_source" to ``out`` (the report's row)
 FACTORIZERS = {"coala": _coala, "svd": _svd, "svdllm": _svdllm, "asvd": _asvd}
-# ... for the output objective (reduced is the pair's: R of [Xh | X])
+# ... for the output objective (reduced is the pair's: R of [Xh | X]); they also take the
+# caller's per-input dict of `OutputProblem`s (see `solve_layer`)
 OUTPUT_FACTORIZERS = {"coala": _coala_output, "aasvd": _aasvd}
 
 

@@ -293,11 +293,12 @@ class _Reader:
     def __init__(self, store, device, objective: str = "input"):
         self.store, self.device, self.objective = store, device, objective
         self.name, self.value, self.cond = None, None, None
+        self.problems: dict = {}  # the current input's OutputProblems (`solve_layer`)
         self._conds: dict[str, tuple[float, str]] = {}  # layers sharing an input may not be adjacent
 
     def get(self, name: str):
         if name != self.name:
-            self.value = None  # free the previous R first
+            self.value, self.problems = None, {}  # free the previous R first
             reduced = view_for(self.store.input(name), read_result(self.store, name),
                                self.objective)
             reduced.R = reduced.R.to(self.device)
@@ -318,7 +319,8 @@ def view_for(info, reduced, objective: str):
 
 
 def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
-                  device: torch.device, ranks: dict[str, int] | None = None) -> dict[str, dict]:
+                  device: torch.device, ranks: dict[str, int] | None = None, *,
+                  with_error: bool = True) -> dict[str, dict]:
     """The factors `run_solve` computes for ``layers`` with uniform ranks, outside a solve run
     (``capture --sequential --propagate`` compresses each block with it as it goes).
 
@@ -328,7 +330,8 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
     ``format="peft"``, else those whose rank saves parameters (the others stay dense).
     W and R go to ``device`` as in `run_solve`, so the same inputs give the same factors.
     ``ranks`` ({module: rank}, e.g. a global allocation made beforehand) replaces the uniform
-    ranks; a layer it does not name stays dense.
+    ranks; a layer it does not name stays dense. ``with_error=False``: no relative error
+    (`solve_layer`), for a caller that keeps only the factors.
     """
     peft = config.format == "peft"
     if ranks is None:
@@ -339,6 +342,7 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
             layer.rank = ranks.get(layer.name, min(layer.m, layer.n))
     out: dict[str, dict] = {}
     cache: dict[str, object] = {}
+    problems: dict[str, dict] = {}  # per input: what layers sharing it reuse (`solve_layer`)
     for layer in layers:
         if not (peft or layer.saves_parameters()) or (ranks is not None and layer.name not in ranks):
             continue
@@ -347,7 +351,9 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
             red.R = red.R.to(device)
             cache[layer.input] = red
         out[layer.name] = solve_layer(weight(layer.name).to(device), cache[layer.input],
-                                      layer.rank, config)
+                                      layer.rank, config,
+                                      problems=problems.setdefault(layer.input, {}),
+                                      with_error=with_error)
     return out
 
 
@@ -369,10 +375,10 @@ def _factor_pass(layers, reader, writer, config, device, progress, known=None) -
             if known:
                 A, B = known[name]
                 res = known_factors(W.to(device), reader.get(layer.input), A, B, config,
-                                    "applied by the propagating capture")
+                                    "applied by the propagating capture", reader.problems)
             else:
                 res = solve_layer(W.to(device), reader.get(layer.input), layer.rank, config,
-                                  layer.spectrum)
+                                  layer.spectrum, problems=reader.problems)
             rows[name] = layer_row(layer, res, reader.cond, peft)
             bar.update()
             return res["A"].cpu(), res["B"].cpu()
