@@ -75,6 +75,7 @@ class CompressConfig:
     mu: float = _like(SequentialConfig, "mu")
     method: str = _like(SequentialConfig, "method")
     allocate: str = _like(SolveConfig, "allocate")
+    rank_multiple: int = _like(SolveConfig, "rank_multiple")
     refine_steps: int = _like(SequentialConfig, "refine_steps", default=25)
     refine_lr: float = _like(SequentialConfig, "refine_lr")
     format: str = _like(SolveConfig, "format")
@@ -109,6 +110,7 @@ class CompressConfig:
                                 ratio=None if ranks else self.ratio,
                                 ranks=str(ranks) if ranks else None, objective=self.objective,
                                 alpha=self.alpha, refine_steps=self.refine_steps,
+                                rank_multiple=self.rank_multiple,
                                 refine_lr=self.refine_lr,
                                 drop_activations=not self.keep_activations)
 
@@ -116,7 +118,8 @@ class CompressConfig:
         # alpha left None: solve takes the one the propagating capture resolved and recorded
         settings = dict(out=out, ratio=self.ratio, method=self.method, mu=self.mu,
                         objective=self.objective, alpha=self.alpha,
-                        allocate=self.allocate, format=self.format, device=self._solve_device(),
+                        allocate=self.allocate, rank_multiple=self.rank_multiple,
+                        format=self.format, device=self._solve_device(),
                         threads=self.threads, overwrite=self.overwrite)
         return SolveConfig(**{**settings, **changes})
 

@@ -128,6 +128,93 @@ def test_qwen2_biases_round_trip_and_resave(tmp_path, modules_cache):
     assert base_config(resaved).architectures == ["Qwen2ForCausalLM"]
 
 
+def _load_base(path, **kwargs):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+
+
+@pytest.mark.parametrize("model_type,ranks,tied", [("llama", LLAMA_RANKS, True),
+                                                    ("qwen2", QWEN2_RANKS, False)])
+def test_auto_model_is_the_low_rank_base_and_attention_backends_agree(
+        tmp_path, modules_cache, model_type, ranks, tied):
+    """What the engines' Transformers backend loads: AutoModel -> our base-model class (the
+    low-rank layers inside, the base architecture's attention), and the causal LM built on it;
+    sdpa and eager give the same outputs as the in-memory reference."""
+    path = tmp_path / f"{model_type}-factorized"
+    ref, _ = _factorized_dir(path, model_type, ranks, tie_word_embeddings=tied)
+    with torch.no_grad():
+        ref_hidden, ref_logits = ref.model(IDS).last_hidden_state, ref(IDS).logits
+    for attn in ("sdpa", "eager"):
+        base, info = _load_base(path, trust_remote_code=True, attn_implementation=attn)
+        assert type(base).__name__ == "CoalaStreamModel" and base._supports_attention_backend
+        assert base.config._attn_implementation == attn
+        assert not info["missing_keys"] and not info["mismatched_keys"]
+        assert set(info["unexpected_keys"]) <= {"lm_head.weight"}  # the head is not the base's
+        assert type(base.layers[0].self_attn).__name__ == type(ref.model.layers[0].self_attn).__name__
+        causal, info = _load(path, trust_remote_code=True, attn_implementation=attn)
+        assert {k: v for k, v in info.items() if v} == {}
+        assert type(causal.model).__name__ == "CoalaStreamModel" and causal._supports_attention_backend
+        for name, rank in ranks.items():
+            inner = name.removeprefix("model.")
+            assert base.get_submodule(inner).B.weight.shape[0] == rank
+            assert causal.get_submodule(name).B.weight.shape[0] == rank
+        with torch.no_grad():
+            assert torch.allclose(base.eval()(IDS).last_hidden_state, ref_hidden, rtol=0, atol=1e-5)
+            assert torch.allclose(causal.eval()(IDS).logits, ref_logits, rtol=0, atol=1e-5)
+    assert causal.lm_head.weight is causal.model.embed_tokens.weight or not tied
+
+
+def test_attention_goes_through_the_interface_with_kwargs_passed_down(tmp_path, modules_cache,
+                                                                      monkeypatch):
+    """A backend registered in ALL_ATTENTION_FUNCTIONS (as vLLM registers its own) is called by
+    every layer of the AutoModel class, with the keyword arguments given to the model's forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    seen = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, kwargs.get("coala_probe")))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "coala_probe", probe)
+    path = tmp_path / "probed"
+    ref, _ = _factorized_dir(path, "llama", LLAMA_RANKS)
+    base, _ = _load_base(path, trust_remote_code=True, attn_implementation="coala_probe")
+    with torch.no_grad():
+        out = base.eval()(IDS, coala_probe="passed").last_hidden_state
+        assert torch.allclose(out, ref.model(IDS).last_hidden_state, rtol=0, atol=1e-5)
+    assert seen == [(0, "passed"), (1, "passed")]
+
+
+def test_outputs_of_earlier_versions_still_load(tmp_path, modules_cache):
+    """load_output reads factorized outputs of every earlier form: with modeling code whose
+    auto_map has no AutoModel (before the base-model class), and with none at all (the base
+    model_type, before remote code); transformers still loads the former."""
+    from coala_stream.export import load_output
+
+    ref, old = _factorized_dir(tmp_path / "current", "qwen2", QWEN2_RANKS, tie_word_embeddings=False)
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    for f in ("model.safetensors", MODULE_FILE):
+        (previous / f).write_bytes((tmp_path / "current" / f).read_bytes())
+    config = json.loads((tmp_path / "current" / "config.json").read_text())
+    del config["auto_map"]["AutoModel"]
+    (previous / "config.json").write_text(json.dumps(config))
+    oldest = tmp_path / "oldest"
+    oldest.mkdir()
+    (oldest / "model.safetensors").write_bytes((tmp_path / "current" / "model.safetensors").read_bytes())
+    (oldest / "config.json").write_text(json.dumps(old))
+    with torch.no_grad():
+        want = ref(IDS).logits
+        for path in (tmp_path / "current", previous, oldest):
+            assert torch.allclose(load_output(path)(IDS).logits, want, rtol=0, atol=1e-6), path
+        model, info = _load(previous, trust_remote_code=True)
+        assert {k: v for k, v in info.items() if v} == {}
+        assert torch.allclose(model.eval()(IDS).logits, want, rtol=0, atol=1e-6)
+
+
 def test_base_config_new_and_old_form():
     from transformers import LlamaConfig
 
@@ -137,6 +224,7 @@ def test_base_config_new_and_old_form():
     assert new["model_type"] == MODEL_TYPE and old["model_type"] == "llama"  # input untouched
     assert new["coala_stream"]["base_model_type"] == "llama"
     assert new["auto_map"]["AutoModelForCausalLM"] == "modeling_coala_stream.CoalaStreamForCausalLM"
+    assert new["auto_map"]["AutoModel"] == "modeling_coala_stream.CoalaStreamModel"
     for form in (new, old):
         cfg = base_config(form)
         assert type(cfg) is LlamaConfig and cfg.model_type == "llama"
@@ -158,6 +246,8 @@ def test_module_needs_only_torch_and_transformers():
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert roots == {"torch", "transformers"}
     assert "from transformers import Qwen2ForCausalLM as _BaseModel" in files[MODULE_FILE]
+    assert "from transformers import Qwen2Model as _BaseBackbone" in files[MODULE_FILE]
+    assert files[MODULE_FILE].count("_supports_attention_backend = True") == 2
 
 
 def test_refuses_configs_it_cannot_serve():

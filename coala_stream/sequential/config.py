@@ -39,6 +39,9 @@ class SequentialConfig(CaptureConfig):
                 "in (0, 1), as solve's --ratio (0.2 keeps 80 percent)", "metavar": "F", "group": "compression while capturing (--sequential --propagate)"})
     rank: int | None = field(default=None, metadata={
         "help": "with --propagate: fixed rank for every layer instead of --ratio, as solve's --rank", "metavar": "N", "group": "compression while capturing (--sequential --propagate)"})
+    rank_multiple: int = field(default=1, metadata={
+        "help": "with --propagate: round every rank down to a multiple of N, as solve's "
+                "--rank-multiple", "metavar": "N", "group": "compression while capturing (--sequential --propagate)"})
     method: str = field(default="coala", metadata={
         "help": "with --propagate: coala | svd | svdllm | asvd (--objective input) | coala | "
                 "aasvd (--objective output), as solve's --method", "choices": METHODS, "group": "compression while capturing (--sequential --propagate)"})
@@ -80,6 +83,7 @@ class SequentialConfig(CaptureConfig):
                 ("--method", self.method, "coala"), ("--mu", self.mu, 0.0),
                 ("--objective", self.objective, "input"), ("--alpha", self.alpha, None),
                 ("--ranks", self.ranks, None), ("--refine-steps", self.refine_steps, 0),
+                ("--rank-multiple", self.rank_multiple, 1),
                 ("--refine-lr", self.refine_lr, 1e-4),
                 ("--drop-activations", self.drop_activations, False)) if value != default]
             if given:
@@ -98,18 +102,22 @@ class SequentialConfig(CaptureConfig):
         alpha = self._alpha()
         SolveConfig(out="-", method=self.method, ratio=ratio,  # solve's own checks
                     rank=self.rank if ranks is None else (None if ratio else 1), mu=self.mu,
-                    objective=self.objective, alpha=alpha).validate()
+                    objective=self.objective, alpha=alpha,
+                    rank_multiple=self.rank_multiple).validate()
         if self.refine_steps < 0 or self.refine_lr <= 0:
             raise UsageError(f"--refine-steps must be >= 0 and --refine-lr > 0, got "
                              f"{self.refine_steps} and {self.refine_lr}")
         if self.drop_activations and self.resolved_backend() != "zarr":
             raise UsageError("--drop-activations frees disk space chunk by chunk, which an HDF5 "
                              "file cannot: use a zarr store (--out DIR) or drop the flag")
-        return {"method": self.method, "ratio": None if ratio is None else float(ratio),
-                "rank": self.rank, "ranks": ranks, "mu": float(self.mu),
-                "objective": self.objective, "alpha": alpha,
-                "refine_steps": int(self.refine_steps),
-                "refine_lr": float(self.refine_lr) if self.refine_steps else None}
+        settings = {"method": self.method, "ratio": None if ratio is None else float(ratio),
+                    "rank": self.rank, "ranks": ranks, "mu": float(self.mu),
+                    "objective": self.objective, "alpha": alpha,
+                    "refine_steps": int(self.refine_steps),
+                    "refine_lr": float(self.refine_lr) if self.refine_steps else None}
+        if self.rank_multiple > 1:  # absent at 1, so stores of earlier versions still resume
+            settings["rank_multiple"] = int(self.rank_multiple)
+        return settings
 
     def _alpha(self) -> float | None:
         if self.objective != "output":

@@ -269,7 +269,8 @@ def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw:
     parameters (or that ``ranks`` leaves out) stay dense, as solve keeps them."""
     cfg = SolveConfig(out="-", method=settings["method"], ratio=settings["ratio"],
                       rank=settings["rank"], mu=settings["mu"],
-                      objective=settings.get("objective", "input"), alpha=settings.get("alpha"))
+                      objective=settings.get("objective", "input"), alpha=settings.get("alpha"),
+                      rank_multiple=settings.get("rank_multiple", 1))
     layers = [Layer(c, g.name, bw.mods[c].out_features, bw.mods[c].in_features)
               for c in g.consumers]
 

@@ -7,7 +7,8 @@
 - `run`: `run_solve`, the driver (store and weights in, `export` writers out).
 """
 
-from .allocate import allocate_global, choose_ranks, total_normalised_error, uniform_ranks
+from .allocate import (allocate_global, choose_ranks, round_ranks, total_normalised_error,
+                       uniform_ranks)
 from .config import ALLOCATIONS, DEFAULT_ALPHA, FORMATS, METHODS, OBJECTIVES, SolveConfig
 from .layer import (FACTORIZERS, OUTPUT_FACTORIZERS, Layer, cond_estimate, input_view,
                     layer_spectrum, normalised_tail, relative_error, solve_layer)
@@ -15,7 +16,7 @@ from .report import build_report, format_table
 from .run import (allocate_ranks, check_capture_complete, check_reduced, factor_layers, plan_layers,
                   resolve_objective, run_solve, view_for)
 
-__all__ = ["allocate_global", "choose_ranks", "total_normalised_error", "uniform_ranks",
+__all__ = ["allocate_global", "choose_ranks", "round_ranks", "total_normalised_error", "uniform_ranks",
            "ALLOCATIONS", "DEFAULT_ALPHA", "FORMATS", "METHODS", "OBJECTIVES", "SolveConfig", "FACTORIZERS", "OUTPUT_FACTORIZERS", "Layer", "input_view", "layer_spectrum",
            "cond_estimate", "normalised_tail", "relative_error", "solve_layer", "build_report",
            "format_table", "allocate_ranks", "check_capture_complete", "check_reduced", "factor_layers",

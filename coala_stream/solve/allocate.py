@@ -62,6 +62,16 @@ def allocate_global(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], 
     return ranks
 
 
+def round_ranks(layers: list[Layer], multiple: int) -> None:
+    """Round each ``layer.rank`` down to a multiple of ``multiple`` (a rank below it stays).
+    Rounding down never spends more parameters than the allocation did; what it frees is
+    left unspent (`--rank-multiple`)."""
+    if multiple > 1:
+        for layer in layers:
+            if layer.rank >= multiple:
+                layer.rank -= layer.rank % multiple
+
+
 def uniform_ranks(layers: list[Layer], config: SolveConfig) -> list[int]:
     ranks = []
     for layer in layers:

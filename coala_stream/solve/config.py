@@ -54,6 +54,12 @@ class SolveConfig:
     rank: int | None = field(default=None, metadata={
         "help": "fixed rank for every layer instead of --ratio (the adapter rank for --format peft)",
         "metavar": "N", "exclusive": "size"})
+    rank_multiple: int = field(default=1, metadata={
+        "help": "round every layer's rank down to a multiple of N after the allocation (a rank "
+                "below N stays as it is), so the factors' shapes are aligned; never more "
+                "parameters than --ratio / --rank / --allocate gave (the rounding's remainder is "
+                "left unspent); 1: no rounding. docs/benchmarks.md measures whether aligned ranks "
+                "run faster on your hardware", "metavar": "N"})
     allocate: str = field(default="uniform", metadata={
         "help": "uniform: the same ratio (or rank) per layer | global: the same total parameter "
                 "budget spent where it lowers the summed normalised error most (kept only if it "
@@ -102,6 +108,9 @@ class SolveConfig:
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
                                       or self.rank < 1):
             raise UsageError(f"--rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) \
+                or self.rank_multiple < 1:
+            raise UsageError(f"--rank-multiple must be a positive integer, got {self.rank_multiple!r}")
         if self.mu is not None and not (isinstance(self.mu, (int, float)) and math.isfinite(self.mu)
                                         and self.mu >= 0):
             raise UsageError(f"--mu must be a finite number >= 0, got {self.mu!r}")

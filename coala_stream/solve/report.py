@@ -60,7 +60,7 @@ def build_report(store, spec, config, layers, rows, allocation, notes, seconds) 
 def config_section(store, spec, config, allocation) -> dict:
     """What config.json's ``coala_stream`` section records besides the format and ranks."""
     return {"method": config.method, "ratio": config.ratio, "rank": config.rank,
-            "allocate": allocation["allocate"], "mu": config.mu, "adaptive_mu": config.adaptive_mu,
+            "rank_multiple": config.rank_multiple, "allocate": allocation["allocate"], "mu": config.mu, "adaptive_mu": config.adaptive_mu,
             "layers": config.layers, "source_model": spec.describe(),
             "store": {"path": str(Path(store.path).absolute()), "uuid": store.attrs.get("uuid"),
                       "calibration": store.attrs.get("calibration")}}
@@ -107,6 +107,8 @@ def propagate_notes(store, config: SolveConfig) -> list[str]:
     if "objective" in applied:  # stores of older versions record only the four above
         wanted.update(objective=config.objective, alpha=config.alpha)
     differ = [f"{k} {applied.get(k)} -> {v}" for k, v in wanted.items() if applied.get(k) != v]
+    if applied.get("rank_multiple", 1) != config.rank_multiple:  # recorded only when > 1
+        differ.append(f"rank_multiple {applied.get('rank_multiple', 1)} -> {config.rank_multiple}")
     capture_allocation = "global" if applied.get("ranks") else "uniform"
     if config.allocate != capture_allocation or config.layers is not None:
         differ.append(f"allocation/--layers other than the capture's {capture_allocation}, "

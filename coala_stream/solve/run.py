@@ -30,7 +30,7 @@ from ..files import write_json
 from ..reduce import read_result, result_path, result_state
 from ..store import open_store
 from ..weights import LazyWeights, open_weights
-from .allocate import choose_ranks, uniform_ranks
+from .allocate import choose_ranks, round_ranks, uniform_ranks
 from .config import DEFAULT_ALPHA, SolveConfig
 from .layer import Layer, cond_estimate, input_view, known_factors, solve_layer
 from .report import build_report, config_section, dense_row, layer_row, propagate_notes
@@ -88,8 +88,7 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     if known:
         allocation = _ranks_of(layers, known, config)
     else:
-        allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source, reader,
-                                  progress)
+        allocation = _choose_ranks(layers, config, source, reader, progress)
     writer = export.WRITERS[config.format](stage, source, final_dir=out)
     rows = _factor_pass(layers, reader, writer, config, device, progress, known)
     report = build_report(store, spec, config, layers, rows, allocation, notes,
@@ -98,6 +97,17 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     write_json(stage / export.REPORT_FILE, report)
     shutil.rmtree(stage / ".source", ignore_errors=True)
     return report
+
+
+def _choose_ranks(layers, config: SolveConfig, source, reader, progress) -> dict:
+    """Set each ``layer.rank`` (uniform or global, then --rank-multiple's rounding); the
+    allocation summary for the report."""
+    allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source, reader,
+                              progress)
+    if config.rank_multiple > 1:
+        round_ranks(layers, config.rank_multiple)
+        allocation["rank_multiple"] = config.rank_multiple
+    return allocation
 
 
 def allocate_ranks(store_path, config: SolveConfig, stage: Path, progress: bool = True) -> dict:
@@ -112,8 +122,7 @@ def allocate_ranks(store_path, config: SolveConfig, stage: Path, progress: bool 
         try:
             source, _ = open_weights(spec, model_config, Path(stage), say)
             reader = _Reader(store, resolve_device(config.device), config.objective)
-            allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source,
-                                      reader, progress)
+            allocation = _choose_ranks(layers, config, source, reader, progress)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     peft = config.format == "peft"
@@ -340,6 +349,7 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
     else:
         for layer in layers:
             layer.rank = ranks.get(layer.name, min(layer.m, layer.n))
+    round_ranks([l for l in layers if ranks is None or l.name in ranks], config.rank_multiple)
     out: dict[str, dict] = {}
     cache: dict[str, object] = {}
     problems: dict[str, dict] = {}  # per input: what layers sharing it reuse (`solve_layer`)
