@@ -21,7 +21,7 @@ LAYERS = {
     "reduce": 4, "capture": 4, "export": 4,
     "solve": 5,
     "sequential": 6, "status": 6, "evaluate": 6, "merge": 6,
-    "compress": 7,
+    "compress": 7, "tasks": 7,
     "cli": 8, "__main__": 8, "__init__": 8,
 }
 

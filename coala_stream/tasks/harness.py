@@ -1,0 +1,119 @@
+"""lm-eval-harness runs the tasks: its own task configs, prompts, metrics and aggregation.
+
+What changes is only where the documents come from: each task is lm-eval's registered
+config with ``custom_dataset`` (a callable returning the local rows, `data.load_split`),
+``test_split`` and ``training_split`` unset, so lm-eval scores the validation split (it
+scores on test when a config has one, and zero-shot needs no training split). The
+overrides are given the way lm-eval's group configs give them to member tasks, so the
+rest of each config (doc_to_text, doc_to_choice, metric_list, ...) is lm-eval's file.
+The model goes in as lm-eval's ``HFLM`` around the already loaded model and tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+from ..errors import CoalaError
+from . import data
+
+PIP_EVAL = "pip install 'coala-stream[eval]' (or pip install 'lm-eval>=0.4,<0.5')"
+
+# lm-eval's folder of each task's YAML, relative to lm_eval/tasks: indexing only these
+# takes a fraction of a second instead of scanning lm-eval's thousands of configs
+TASK_DIRS = {
+    "arc_easy": "arc", "arc_challenge": "arc", "boolq": "super_glue/boolq",
+    "hellaswag": "hellaswag", "openbookqa": "openbookqa", "piqa": "piqa",
+    "winogrande": "winogrande",
+}
+GROUP = "coala_stream_offline"
+
+
+def require_lm_eval() -> str:
+    """lm-eval's version; a one-line CoalaError naming the install command when it is absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        import lm_eval  # noqa: F401
+
+        return version("lm_eval")
+    except (ImportError, PackageNotFoundError):
+        raise CoalaError(f"zero-shot accuracy (--tasks) needs lm-eval: {PIP_EVAL}") from None
+
+
+def _rows(path: Path, task: str, **_metadata):
+    import datasets
+
+    # lm-eval calls custom_dataset with the task's metadata as keywords: nothing here uses them
+    return datasets.DatasetDict({data.SPLIT: data.load_split(path, task)})
+
+
+def group_spec(paths: dict[str, Path]) -> dict:
+    """An inline lm-eval group whose members are the registered tasks with local data."""
+    members = [{"task": task, "custom_dataset": partial(_rows, path, task),
+                "test_split": None, "training_split": None, "validation_split": data.SPLIT}
+               for task, path in paths.items()]
+    return {"group": GROUP, "task": members}
+
+
+def task_manager(tasks: list[str]):
+    """lm-eval's TaskManager over the folders of ``tasks`` only (all of lm-eval's when
+    this version keeps one of them elsewhere)."""
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    base = Path(lm_eval.tasks.__file__).parent
+    dirs = sorted({str(base / TASK_DIRS[t]) for t in tasks if (base / TASK_DIRS[t]).is_dir()})
+    manager = TaskManager(include_defaults=False, include_path=dirs) if dirs else None
+    if manager is None or any(t not in manager.all_subtasks for t in tasks):
+        manager = TaskManager()
+    return manager
+
+
+@contextmanager
+def quiet_lm_eval():
+    """lm-eval logs a notice per task about custom datasets and one about the model
+    instance; keep its warnings and errors, drop the rest, and put the level back."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int) -> dict:
+    """lm-eval's ``simple_evaluate`` of ``model`` on the tasks of ``paths``, zero-shot:
+    its whole result dict (``results``, ``n-samples``, ``configs``, ...)."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with quiet_lm_eval():
+        # float32 log-softmax as our perplexity does: a bfloat16 model's log-likelihoods
+        # would otherwise be summed in bfloat16
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  softmax_dtype=torch.float32)
+        return simple_evaluate(model=lm, tasks=[group_spec(paths)],
+                               task_manager=task_manager(list(paths)), num_fewshot=0,
+                               limit=limit, log_samples=False)
+
+
+def metrics(results: dict, tasks: list[str]) -> dict[str, dict]:
+    """Per task: lm-eval's acc and acc_norm (where the task defines it), their standard
+    errors, and the documents scored / available."""
+    out = {}
+    for task in tasks:
+        row = results["results"][task]
+        got = {name: row[f"{name},none"] for name in ("acc", "acc_norm")
+               if f"{name},none" in row}
+        got.update({f"{name}_stderr": row[f"{name}_stderr,none"] for name in list(got)
+                    if f"{name}_stderr,none" in row})
+        samples = results.get("n-samples", {}).get(task, {})
+        got["documents"] = samples.get("effective", row.get("sample_len"))
+        got["documents_available"] = samples.get("original")
+        out[task] = got
+    return out
