@@ -141,8 +141,8 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
     write_json(work / MARK, {"out": str(config.out)})
     steps: dict[str, dict] = {}
     ranks = None
-    if config.allocate == "global":
-        say("compress: step 1 of 3, an ordinary capture for the global rank allocation")
+    if config.allocate in ("global", "loss"):  # ranks from a plain store, before propagation
+        say(f"compress: step 1 of 3, an ordinary capture for the {config.allocate} rank allocation")
         plain = work / "plain.zarr"
         steps["plain_capture"] = _brief(run_sequential(config.capture(plain, False), progress))
         steps["plain_reduce"] = _brief(run_reduce(plain, ReduceConfig(

@@ -27,6 +27,8 @@ from coala_stream.solve import gradients
 from coala_stream.solve.select import layer_cost, select_ranks
 from coala_stream.store import open_store
 
+from .test_capture import text_file  # noqa: F401
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -249,3 +251,20 @@ def test_cli_solve_allocate_loss_end_to_end(store, tmp_path, capsys):
     assert alloc2["selection"] == "smallest" and alloc2["spent"] <= alloc2["budget"]
     assert alloc2["layers"][0]["first_order"] == \
         alloc["layers"][0]["first_order"]
+
+
+def test_compress_allocate_loss_feeds_its_ranks_to_the_propagating_capture(tiny_model_dir,
+                                                                          text_file, tmp_path):
+    from coala_stream.compress import CompressConfig, run_compress
+
+    s = run_compress(CompressConfig(out=str(tmp_path / "c"), model=str(tiny_model_dir()),
+                                    data=str(text_file), samples=6, seq_len=32, ratio=0.3,
+                                    allocate="loss", refine_steps=0, keep_work=True),
+                     progress=False)
+    ranks = json.loads((tmp_path / "c.work" / "ranks.json").read_text())
+    assert ranks["allocation"]["allocate"] == "loss" == s["steps"]["allocation"]["allocate"]
+    chosen = {r["module"]: r["rank"] for r in ranks["layers"] if not r["kept_dense"]}
+    report = s["report"]
+    assert {r["module"]: r["rank"] for r in report["layers"] if not r["kept_dense"]} == chosen
+    assert any("factors as the propagating capture applied them" in n for n in report["notes"])
+    assert (tmp_path / "c.work" / "stage.scores" / gradients.SCORES_FILE).exists()
