@@ -170,8 +170,8 @@ def _recorded_threads(work: Path) -> int | None:
 def _steps(config: CompressConfig, work: Path, say, t0: float, progress: bool) -> dict:
     steps: dict[str, dict] = {}
     ranks = None
-    if config.allocate == "global":
-        say("compress: step 1 of 3, an ordinary capture for the global rank allocation")
+    if config.allocate in ("global", "loss"):  # ranks from a plain store, before propagation
+        say(f"compress: step 1 of 3, an ordinary capture for the {config.allocate} rank allocation")
         plain = work / "plain.zarr"
         steps["plain_capture"] = _brief(run_sequential(config.capture(plain, False), progress))
         steps["plain_reduce"] = _brief(run_reduce(plain, ReduceConfig(

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "coala_stream"
 # top-level unit -> layer; a unit may import only units of a lower layer (or itself)
 LAYERS = {
     "_version": 0, "errors": 0, "files": 0, "signals": 0, "progress": 0, "devices": 0,
-    "linalg": 1, "baselines": 1, "objective": 1,
+    "linalg": 1, "baselines": 1, "objective": 1, "scores": 1,
     "store": 2, "checkpoint": 2, "calib": 2, "calib_formats": 2, "models": 2,
     "weights": 3, "applied": 3,
     "reduce": 4, "capture": 4, "export": 4,

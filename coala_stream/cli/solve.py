@@ -28,6 +28,7 @@ EPILOG = """\
 examples:
   coala-stream solve calib.zarr --ratio 0.2 --out smol-80
   coala-stream solve calib.zarr --ratio 0.4 --allocate global --mu 0.01 --out smol-60
+  coala-stream solve calib.zarr --ratio 0.2 --allocate loss --out smol-80-loss
   coala-stream solve calib.zarr --ratio 0.2 --method svdllm --format dense --out smol-svdllm
   coala-stream solve calib.zarr --rank 16 --format peft --out smol-lora
   coala-stream solve calib.zarr --ratio 0.3 --layers 'mlp\\.' --out smol-mlp

@@ -16,7 +16,9 @@ OUTPUT_METHODS = ("coala", "aasvd")
 # alpha of the output objective when neither the user nor the store says: the mix measured
 # best on SmolLM2 (docs/benchmarks.md, "Quality")
 DEFAULT_ALPHA = 0.5
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "loss")
+SELECTIONS = ("zerosum", "smallest")  # `select.RULES`
+LOSS_TERMS = ("first", "fisher")
 FORMATS = ("factorized", "dense", "peft")  # `export.WRITERS` writes each
 
 
@@ -63,7 +65,24 @@ class SolveConfig:
     allocate: str = field(default="uniform", metadata={
         "help": "uniform: the same ratio (or rank) per layer | global: the same total parameter "
                 "budget spent where it lowers the summed normalised error most (kept only if it "
-                "beats uniform on that error)", "choices": ALLOCATIONS})
+                "beats uniform on that error) | loss: the same budget spent by each singular "
+                "component's predicted change of the model's calibration loss (one gradient pass "
+                "of the original model over the store's calibration windows; see --selection)",
+        "choices": ALLOCATIONS})
+    selection: str | None = field(default=None, metadata={
+        "help": "with --allocate loss: zerosum (ZS-SVD's rule: drop components model-wide keeping "
+                "the running sum of predicted changes near zero) | smallest (smallest predicted "
+                "change first); default zerosum", "choices": SELECTIONS})
+    loss_terms: str | None = field(default=None, metadata={
+        "help": "with --allocate loss: first (first-order change, as ZS-SVD) | fisher (plus an "
+                "empirical-Fisher second-order term from the per-window gradients); default first",
+        "choices": LOSS_TERMS})
+    scores: str | None = field(default=None, metadata={
+        "help": "with --allocate loss: directory of the loss scores (resumed after a kill, reused "
+                "by later solves of the same store); default OUT.scores", "metavar": "DIR"})
+    calib_data: str | None = field(default=None, metadata={
+        "help": "with --allocate loss: the calibration data the store was captured from, when its "
+                "recorded path moved (checked against the store's token hash)", "metavar": "PATH"})
     mu: float | None = field(default=None, metadata={
         "help": "regularisation mu, relative: absolute mu = F * ||R||_F^2 / n; coala only; "
                 "default: the mu a propagating capture applied (so that solve writes the "
@@ -95,7 +114,9 @@ class SolveConfig:
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.allocate not in ALLOCATIONS:
-            raise UsageError(f"--allocate must be uniform or global, got {self.allocate!r}")
+            raise UsageError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got "
+                             f"{self.allocate!r}")
+        self._validate_loss()
         if self.format not in FORMATS:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if (self.ratio is None) == (self.rank is None):
@@ -138,3 +159,19 @@ class SolveConfig:
             except re.error as exc:
                 raise UsageError(f"--layers {self.layers!r} is not a valid regular expression: {exc}") from exc
         resolve_device(self.device)
+
+    def _validate_loss(self) -> None:
+        loss_only = {"--selection": self.selection, "--loss-terms": self.loss_terms,
+                     "--scores": self.scores, "--calib-data": self.calib_data}
+        given = [k for k, v in loss_only.items() if v is not None]
+        if given and self.allocate != "loss":
+            raise UsageError(f"{', '.join(given)} applies to --allocate loss only; add "
+                             f"--allocate loss or drop it")
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise UsageError(f"--selection must be one of {', '.join(SELECTIONS)}, got "
+                             f"{self.selection!r}")
+        if self.loss_terms is not None and self.loss_terms not in LOSS_TERMS:
+            raise UsageError(f"--loss-terms must be first or fisher, got {self.loss_terms!r}")
+        if self.allocate == "loss" and self.format == "peft":
+            raise UsageError("--allocate loss spends a compression budget; --format peft keeps "
+                             "the whole model (use --allocate uniform with --format peft)")

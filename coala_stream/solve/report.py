@@ -93,6 +93,11 @@ def format_table(report: dict) -> str:
     if a.get("requested") == "global":
         lines.append(f"global allocation: normalised error {a['global_total_normalised_error']:.4f} "
                      f"vs uniform {a['uniform_total_normalised_error']:.4f} -> kept {a['allocate']}")
+    if a.get("allocate") == "loss":
+        lines.append(f"loss allocation ({a['selection']}, terms: {a['loss_terms']}, "
+                     f"{a['windows']} windows): predicted loss change {a['predicted_loss_change']:+.4f} "
+                     f"vs uniform {a['uniform_predicted_loss_change']:+.4f}; scores in "
+                     f"{a['scores_file']}")
     lines += [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)
 
@@ -109,8 +114,9 @@ def propagate_notes(store, config: SolveConfig) -> list[str]:
     differ = [f"{k} {applied.get(k)} -> {v}" for k, v in wanted.items() if applied.get(k) != v]
     if applied.get("rank_multiple", 1) != config.rank_multiple:  # recorded only when > 1
         differ.append(f"rank_multiple {applied.get('rank_multiple', 1)} -> {config.rank_multiple}")
+    # ranks given to the capture (--ranks) come from a global or a loss allocation
     capture_allocation = "global" if applied.get("ranks") else "uniform"
-    if config.allocate != capture_allocation or config.layers is not None:
+    if (config.allocate != "uniform") != bool(applied.get("ranks")) or config.layers is not None:
         differ.append(f"allocation/--layers other than the capture's {capture_allocation}, "
                       f"all-layer compression")
     if not differ:

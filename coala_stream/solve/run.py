@@ -33,6 +33,7 @@ from ..weights import LazyWeights, open_weights
 from .allocate import choose_ranks, round_ranks, uniform_ranks
 from .config import DEFAULT_ALPHA, SolveConfig
 from .layer import Layer, cond_estimate, input_view, known_factors, solve_layer
+from .loss import loss_allocation, scores_dir_for
 from .report import build_report, config_section, dense_row, layer_row, propagate_notes
 
 
@@ -87,6 +88,10 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     known = capture_factors(store, config, notes)
     if known:
         allocation = _ranks_of(layers, known, config)
+    elif config.allocate == "loss":
+        allocation = _rounded(layers, config, loss_allocation(
+            store, spec, model_config, layers, uniform_ranks(layers, config), config, device,
+            scores_dir_for(config, out), progress, say))
     else:
         allocation = _choose_ranks(layers, config, source, reader, progress)
     writer = export.WRITERS[config.format](stage, source, final_dir=out)
@@ -102,8 +107,12 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
 def _choose_ranks(layers, config: SolveConfig, source, reader, progress) -> dict:
     """Set each ``layer.rank`` (uniform or global, then --rank-multiple's rounding); the
     allocation summary for the report."""
-    allocation = choose_ranks(layers, uniform_ranks(layers, config), config, source, reader,
-                              progress)
+    return _rounded(layers, config, choose_ranks(layers, uniform_ranks(layers, config), config,
+                                                 source, reader, progress))
+
+
+def _rounded(layers, config: SolveConfig, allocation: dict) -> dict:
+    """--rank-multiple's rounding of the ranks an allocation set, recorded in its summary."""
     if config.rank_multiple > 1:
         round_ranks(layers, config.rank_multiple)
         allocation["rank_multiple"] = config.rank_multiple
@@ -122,7 +131,12 @@ def allocate_ranks(store_path, config: SolveConfig, stage: Path, progress: bool 
         try:
             source, _ = open_weights(spec, model_config, Path(stage), say)
             reader = _Reader(store, resolve_device(config.device), config.objective)
-            allocation = _choose_ranks(layers, config, source, reader, progress)
+            if config.allocate == "loss":
+                allocation = _rounded(layers, config, loss_allocation(
+                    store, spec, model_config, layers, uniform_ranks(layers, config), config,
+                    reader.device, scores_dir_for(config, stage), progress, say))
+            else:
+                allocation = _choose_ranks(layers, config, source, reader, progress)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     peft = config.format == "peft"
