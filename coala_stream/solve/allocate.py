@@ -63,12 +63,13 @@ def allocate_global(spectra: list[torch.Tensor], shapes: list[tuple[int, int]], 
 
 
 def round_ranks(layers: list[Layer], multiple: int) -> None:
-    """Round each ``layer.rank`` down to a multiple of ``multiple`` (a rank below it stays).
+    """Round each ``layer.rank`` down to a multiple of ``multiple`` (a rank below it stays,
+    and so does a layer kept dense: rounding must not turn it into a factorized one).
     Rounding down never spends more parameters than the allocation did; what it frees is
     left unspent (`--rank-multiple`)."""
     if multiple > 1:
         for layer in layers:
-            if layer.rank >= multiple:
+            if layer.rank >= multiple and layer.saves_parameters():
                 layer.rank -= layer.rank % multiple
 
 
