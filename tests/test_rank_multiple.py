@@ -120,3 +120,21 @@ def test_propagated_store_keeps_its_rounded_ranks_and_solve_matches_them(tiny_mo
     other = solve(out, tmp_path / "other", ratio=RATIO)  # not the capture's rounding: refitted
     assert any("rank_multiple 8 -> 1" in n for n in other["notes"])
     assert [r["rank"] for r in other["layers"]] != [r["rank"] for r in same["layers"]]
+
+
+def test_compress_with_global_allocation_writes_the_rounded_ranks_it_applied(tiny_model_dir,
+                                                                           text_file, tmp_path):
+    """compress --allocate global --rank-multiple 8: the allocation is rounded before the
+    propagating capture, which applies those ranks, and the final solve writes its factors."""
+    from coala_stream.compress import run_compress
+
+    summary = run_compress(CompressConfig(out=str(tmp_path / "m"), model=str(tiny_model_dir()),
+                                          data=str(text_file), samples=6, seq_len=32, ratio=RATIO,
+                                          allocate="global", rank_multiple=8, refine_steps=0),
+                           progress=False)
+    report = summary["report"]
+    assert any("as the propagating capture applied them" in n for n in report["notes"])
+    assert all(r["rank"] % 8 == 0 for r in report["layers"] if not r["kept_dense"])
+    shapes = [tuple(r["shape"]) for r in report["layers"]]
+    budget = sum(rank_for_ratio(m, n, RATIO) * (m + n) for m, n in shapes)
+    assert report["totals"]["params_after"] <= budget

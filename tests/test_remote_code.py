@@ -257,3 +257,14 @@ def test_refuses_configs_it_cannot_serve():
         remote_code({"model_type": "not_a_model", "coala_stream": {"format": "factorized", "ranks": {}}})
     with pytest.raises(ValueError, match="not known"):
         base_config({"model_type": "not_a_model"})
+
+
+def test_a_factorized_head_outside_the_base_model_is_swapped_by_the_causal_lm(tmp_path,
+                                                                              modules_cache):
+    ranks = {**LLAMA_RANKS, "lm_head": 7}  # not under the base model's prefix
+    ref, _ = _factorized_dir(tmp_path / "head", "llama", ranks, tie_word_embeddings=False)
+    model, info = _load(tmp_path / "head", trust_remote_code=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    assert model.lm_head.B.weight.shape == (7, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(IDS).logits, ref(IDS).logits, rtol=0, atol=1e-6)

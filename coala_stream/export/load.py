@@ -101,7 +101,8 @@ def _load_factorized(path: Path, dtype):
     unexpected = []
     for shard in source.shards:
         tensors = {k: v.to(torch_dtype) for k, v in source.read_shard(shard).items()}
-        result = model.load_state_dict(tensors, strict=False)
+        # assign: the read tensors become the parameters (no second copy of the weights)
+        result = model.load_state_dict(tensors, strict=False, assign=True)
         unexpected += result.unexpected_keys
     loaded = set(source.shard_of)
     missing = set(model.state_dict()) - loaded
