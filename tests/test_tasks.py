@@ -88,7 +88,9 @@ def task_root(tmp_path_factory, tiny):
 def test_toy_accuracy_through_lm_eval(tiny, task_root):
     path, _, _ = tiny
     root, flipped = task_root
+    files = sorted(root.rglob("*"))
     res = evaluate_tasks(tasks=["arc_easy", "boolq"], model=str(path), task_data=str(root))
+    assert sorted(root.rglob("*")) == files  # nothing written into the data folder
     arc, boolq = res.tasks["arc_easy"], res.tasks["boolq"]
     assert (arc["acc"], arc["acc_norm"], arc["documents"]) == (0.5, 0.5, 4)
     assert boolq["acc"] == 1.0 and "acc_norm" not in boolq  # lm-eval's boolq has acc only
@@ -186,3 +188,23 @@ def test_solve_outputs_through_the_tasks_path(tiny, task_root, tmp_path):
         assert (got[fmt].tasks["arc_easy"]["acc"], got[fmt].tasks["arc_easy"]["acc_norm"]) == (0.5, 0.5)
     # base + adapter is the original model: it prefers what the original prefers
     assert got["peft"].model_format == "peft" and got["peft"].tasks["boolq"]["acc"] == 1.0
+
+
+@pytest.mark.parametrize("installed, expected", [
+    (None, "needs lm-eval: pip install 'coala-stream[eval]'"),
+    ("0.4.9", "lm-eval 0.4.9 is installed; --tasks needs lm-eval>=0.4.13,<0.5"),
+])
+def test_missing_or_old_lm_eval_names_the_install(monkeypatch, installed, expected):
+    import importlib.metadata
+
+    from coala_stream.errors import CoalaError
+    from coala_stream.tasks import harness
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(CoalaError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        harness.require_lm_eval()

