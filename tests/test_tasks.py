@@ -123,6 +123,7 @@ def test_cli_table_and_json(tiny, task_root, capsys):
     assert result["tasks"]["boolq"]["documents"] == 2 and result["limit"] == 2
     assert result["average"] == pytest.approx(0.5) and result["split"] == "validation"
     assert "average 0.5000" in captured.err
+    assert "loglikelihood requests" not in captured.err  # --quiet: lm-eval's bars dropped too
 
 
 def one_line_error(capsys) -> str:

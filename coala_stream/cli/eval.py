@@ -78,7 +78,7 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     with command_threads(config.threads):  # the line says the count (one line: see --help)
         result = evaluate(config, progress=not args.quiet) if args.tasks is None \
-            else zero_shot(config, args)
+            else zero_shot(config, args, progress=not args.quiet)
     lines = [result.line()] if args.tasks is None else result.lines()
     if args.json:
         print("\n".join(lines), file=sys.stderr)
@@ -89,11 +89,11 @@ def run(args) -> int:
     return 0
 
 
-def zero_shot(config, args):
+def zero_shot(config, args, progress: bool):
     from ..tasks import TasksConfig, evaluate_tasks
     from ..tasks.data import parse_tasks
 
     return evaluate_tasks(TasksConfig(
         tasks=parse_tasks(args.tasks), limit=args.limit, task_data=args.task_data,
         model=config.model, gguf_file=config.gguf_file, batch_size=config.batch_size,
-        device=config.device, threads=config.threads, dtype=config.dtype))
+        device=config.device, threads=config.threads, dtype=config.dtype), progress=progress)

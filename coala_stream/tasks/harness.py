@@ -11,9 +11,10 @@ The model goes in as lm-eval's ``HFLM`` around the already loaded model and toke
 
 from __future__ import annotations
 
+import io
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from functools import partial
 from pathlib import Path
 
@@ -92,14 +93,18 @@ def quiet_lm_eval():
         logger.setLevel(level)
 
 
-def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int) -> dict:
+def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int,
+        progress: bool = True) -> dict:
     """lm-eval's ``simple_evaluate`` of ``model`` on the tasks of ``paths``, zero-shot:
-    its whole result dict (``results``, ``n-samples``, ``configs``, ...)."""
+    its whole result dict (``results``, ``n-samples``, ``configs``, ...). Without
+    ``progress`` lm-eval's bars are dropped (they are tqdm's on stderr, with no switch;
+    its log records keep their own stream)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with quiet_lm_eval():
+    bars = nullcontext() if progress else redirect_stderr(io.StringIO())
+    with quiet_lm_eval(), bars:
         # float32 log-softmax as our perplexity does: a bfloat16 model's log-likelihoods
         # would otherwise be summed in bfloat16
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,

@@ -95,7 +95,8 @@ def validate(config: TasksConfig) -> None:
                               f"embedded SmolLM2)")
 
 
-def evaluate_tasks(config: TasksConfig | None = None, **overrides) -> TasksResult:
+def evaluate_tasks(config: TasksConfig | None = None, progress: bool = True,
+                   **overrides) -> TasksResult:
     """Zero-shot accuracy of the model named by ``config`` on its tasks (module doc)."""
     config = config or TasksConfig()
     for key, value in overrides.items():
@@ -109,7 +110,8 @@ def evaluate_tasks(config: TasksConfig | None = None, **overrides) -> TasksResul
     with torch_threads(config.threads):
         net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
         net.to(device)
-        results = harness.run(net, tokenizer, paths, config.limit, config.batch_size)
+        results = harness.run(net, tokenizer, paths, config.limit, config.batch_size,
+                              progress)
         threads = torch.get_num_threads()
     task_metrics = harness.metrics(results, list(paths))
     mean, used = average(task_metrics)
