@@ -46,9 +46,10 @@ def register(subparsers) -> None:
                    DESCRIPTION, EPILOG)
     add_options(p, EvalConfig)
     p.add_argument("--tasks", metavar="T1,T2,...",
-                   help="zero-shot accuracy by lm-eval on these tasks instead of perplexity: any of "
-                        "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande; the "
-                        "average takes acc_norm where the task defines it, else acc")
+                   help="zero-shot accuracy by lm-eval on these tasks (comma-separated) instead of "
+                        "perplexity: any of arc_easy, arc_challenge, boolq, hellaswag, openbookqa, "
+                        "piqa, winogrande; the average takes acc_norm where the task defines it, "
+                        "else acc; validation splits")
     p.add_argument("--limit", type=int, metavar="N",
                    help="with --tasks: lm-eval's first N documents of each task (default: all)")
     p.add_argument("--task-data", metavar="DIR",
