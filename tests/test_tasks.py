@@ -108,7 +108,7 @@ def test_toy_accuracy_through_lm_eval(tiny, task_root):
     assert res.average == pytest.approx((0.5 + 1.0 + 0.75) / 3)
     assert res.split == "validation" and res.model_format == "hf" and res.num_fewshot == 0
     # the first N documents: rows A, A
-    first = evaluate_tasks(tasks=["arc_easy"], model=str(path), task_data=str(root), limit=2)
+    first = evaluate_tasks(tasks="arc_easy", model=str(path), task_data=str(root), limit=2)
     assert first.tasks["arc_easy"] == pytest.approx(
         {**first.tasks["arc_easy"], "acc": 1.0, "acc_norm": 0.0, "documents": 2,
          "documents_available": 4})
