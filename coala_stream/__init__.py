@@ -43,6 +43,8 @@ _LAZY = {
     "load_model": "export",
     "EvalConfig": "evaluate",
     "perplexity": "evaluate",
+    "TasksConfig": "tasks",
+    "evaluate_tasks": "tasks",
     "store_status": "status",
 }
 

