@@ -100,7 +100,8 @@ class PerplexityResult:
         name = self.data.split(": ", 1)[0] + " text" if self.data.startswith("builtin") \
             else Path(self.data).name
         bos = "" if self.bos_token_id is None else " (BOS + text)"
-        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens{bos} of {name} "
+        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens{bos} of "
+                f"{name} "
                 f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s, "
                 f"{self.threads} torch thread{'' if self.threads == 1 else 's'})")
 
