@@ -100,7 +100,8 @@ class PerplexityResult:
         name = self.data.split(": ", 1)[0] + " text" if self.data.startswith("builtin") \
             else Path(self.data).name
         bos = "" if self.bos_token_id is None else " (BOS + text)"
-        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens{bos} of {name} "
+        return (f"ppl {self.ppl:.2f} on {self.windows} windows x {self.seq_len} tokens{bos} of "
+                f"{name} "
                 f"(model {self.model}, {self.model_format}, {self.dtype}, {self.seconds:.1f} s, "
                 f"{self.threads} torch thread{'' if self.threads == 1 else 's'})")
 
@@ -138,13 +139,22 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, max_windows: int | None =
     with progress_bar(windows, "eval", "window", enabled=progress) as bar:
         for batch in batches:
             batch = batch.to(device)
-            logits = model(input_ids=batch).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                reduction="sum")
-            total += float(loss)
+            total += nll_sum(model(input_ids=batch).logits, batch)
             bar.update(batch.shape[0])
     return total, windows * (seq_len - 1), windows
+
+
+def nll_sum(logits: torch.Tensor, ids: torch.Tensor, block: int = 512) -> float:
+    """Summed NLL of ``ids[:, 1:]`` under ``logits[:, :-1]``, ``block`` positions at a time,
+    each upcast to float32 on its own: a 2048-token window over Qwen's 152k-token vocabulary
+    is 1.2 GB of float32 logits, and a log-softmax of all of them would be as much again."""
+    total, predicted = 0.0, ids.shape[1] - 1
+    for s in range(0, predicted, block):
+        e = min(s + block, predicted)
+        part = logits[:, s:e].float()
+        total += float(torch.nn.functional.cross_entropy(
+            part.reshape(-1, part.shape[-1]), ids[:, s + 1:e + 1].reshape(-1), reduction="sum"))
+    return total
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 512, max_windows: int | None = None,

@@ -108,7 +108,8 @@ def test_capture_records_bos_and_stores_the_bos_position(bos_model_dir, text_fil
     assert "4 x 32 tokens, seed 0, each window [BOS] + text" in capsys.readouterr().out
 
     # a resume (or rerun) whose --bos resolves otherwise is refused, naming --bos
-    with pytest.raises(StoreError, match=r"--bos \(the token .*store has 0, this run asks for None"):
+    refused = r"--bos \(the token .*store has 0, this run asks for None"
+    with pytest.raises(StoreError, match=refused):
         run_capture(CaptureConfig(out=str(out), model=str(bos_model_dir), data=str(text_file),
                                   bos="never", **SMALL), progress=False)
     again = run_capture(CaptureConfig(out=str(out), model=str(bos_model_dir),
@@ -123,7 +124,8 @@ def test_plain_tokenizer_records_no_bos_and_cli_refuses_always_on_resume(
             "--samples", "4", "--seq-len", "32", "--threads", "1"]
     assert main(base) == 0
     with open_store(out) as s:
-        assert (s.attrs["calibration"]["bos"], s.attrs["calibration"]["bos_token_id"]) == ("auto", None)
+        cal = s.attrs["calibration"]
+    assert (cal["bos"], cal["bos_token_id"]) == ("auto", None)
     capsys.readouterr()
     assert main([*base, "--bos", "always"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[0]  # then "(run with --debug ...)"

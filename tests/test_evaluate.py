@@ -127,3 +127,13 @@ def test_solve_outputs_are_detected_and_scored(tiny, text_file, tmp_path):
     assert got["factorized"].ppl == pytest.approx(got["dense"].ppl, rel=1e-4)
     assert got["peft"].ppl == pytest.approx(original.ppl, rel=1e-4)  # base + adapter = original
     assert got["dense"].ppl != pytest.approx(original.ppl, rel=1e-4)
+
+
+def test_nll_in_blocks_equals_one_log_softmax_in_float64():
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 37, 50, generator=g)).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 37), generator=g)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].double().reshape(-1, 50),
+                                             ids[:, 1:].reshape(-1), reduction="sum")
+    for block in (1, 5, 36, 512):
+        assert evaluate.nll_sum(logits, ids, block) == pytest.approx(float(want), rel=1e-6)

@@ -55,7 +55,8 @@ def _tokenizer_fields(writer, model_dir: Path) -> None:
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])  # 3: control
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    merges = tj["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     writer.add_bos_token_id(vocab["<s>"])
     writer.add_eos_token_id(vocab["</s>"])
 

