@@ -204,3 +204,17 @@ def test_eval_cli_bos_option(bos_model_dir, text_file, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*base, "--bos", "maybe"])
     assert exc.value.code == 2
+
+
+def test_tasks_take_bos_as_lm_eval_encodes(tiny_model_dir, bos_model_dir):
+    """eval --tasks hands --bos to lm-eval's add_bos_token: auto is the tokenizer's own
+    convention (None), never is False, always is True where the tokenizer adds a BOS itself and
+    refused where it cannot (lm-eval encodes every context with the tokenizer)."""
+    from coala_stream.tasks.run import add_bos
+
+    plain, adding = _tok(tiny_model_dir()), _tok(bos_model_dir)
+    assert add_bos(plain, "auto") is None and add_bos(adding, "auto") is None
+    assert add_bos(plain, "never") is False and add_bos(adding, "never") is False
+    assert add_bos(adding, "always") is True
+    with pytest.raises(UsageError, match="--bos always with --tasks"):
+        add_bos(plain, "always")

@@ -97,4 +97,5 @@ def zero_shot(config, args, progress: bool):
     return evaluate_tasks(TasksConfig(
         tasks=parse_tasks(args.tasks), limit=args.limit, task_data=args.task_data,
         model=config.model, gguf_file=config.gguf_file, batch_size=config.batch_size,
-        device=config.device, threads=config.threads, dtype=config.dtype), progress=progress)
+        device=config.device, threads=config.threads, dtype=config.dtype, bos=config.bos),
+        progress=progress)

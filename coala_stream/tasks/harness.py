@@ -94,7 +94,7 @@ def quiet_lm_eval():
 
 
 def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size: int,
-        progress: bool = True) -> dict:
+        progress: bool = True, add_bos_token: bool | None = None) -> dict:
     """lm-eval's ``simple_evaluate`` of ``model`` on the tasks of ``paths``, zero-shot:
     its whole result dict (``results``, ``n-samples``, ``configs``, ...). Without
     ``progress`` lm-eval's bars are dropped (they are tqdm's on stderr, with no switch;
@@ -108,7 +108,7 @@ def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size:
         # float32 log-softmax as our perplexity does: a bfloat16 model's log-likelihoods
         # would otherwise be summed in bfloat16
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  softmax_dtype=torch.float32)
+                  softmax_dtype=torch.float32, add_bos_token=add_bos_token)
         return simple_evaluate(model=lm, tasks=[group_spec(paths)],
                                task_manager=task_manager(list(paths)), num_fewshot=0,
                                limit=limit, log_samples=False)

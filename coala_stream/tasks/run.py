@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import calib, models
 from ..devices import resolve_device, torch_threads
 from ..errors import CoalaError, UsageError
 from ..evaluate import load_for_eval
@@ -32,6 +32,7 @@ class TasksConfig:
     device: str = "cpu"
     threads: int | None = None
     dtype: str = "auto"
+    bos: str = "auto"  # as perplexity's --bos (`calib.BOS_MODES`)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TasksResult:
     batch_size: int
     seconds: float
     threads: int
+    bos_token_id: int | None = None  # the token lm-eval put before every context, None for none
 
     def lines(self) -> list[str]:
         head = (f"zero-shot accuracy by lm-eval {self.lm_eval_version} on the {self.split} "
@@ -92,6 +94,7 @@ def validate(config: TasksConfig) -> None:
                          f"task; leave it out for all of them), got {config.limit}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    calib.check_bos_mode(config.bos)
     task_names(config)
     if config.model is not None and not Path(config.model).expanduser().exists():
         hint = models.hub_hint(config.model)
@@ -116,8 +119,9 @@ def evaluate_tasks(config: TasksConfig | None = None, progress: bool = True,
     with torch_threads(config.threads):
         net, tokenizer, name, fmt = load_for_eval(config.model, config.gguf_file, config.dtype)
         net.to(device)
+        bos = add_bos(tokenizer, config.bos)
         results = harness.run(net, tokenizer, paths, config.limit, config.batch_size,
-                              progress)
+                              progress, add_bos_token=bos)
         threads = torch.get_num_threads()
     task_metrics = harness.metrics(results, list(paths))
     mean, used = average(task_metrics)
@@ -126,4 +130,22 @@ def evaluate_tasks(config: TasksConfig | None = None, progress: bool = True,
         split=data.SPLIT, data=str(root), num_fewshot=0, lm_eval_version=version, model=name,
         model_format=fmt, dtype=str(next(net.parameters()).dtype).removeprefix("torch."),
         device=str(device), batch_size=config.batch_size,
-        seconds=time.perf_counter() - t0, threads=threads)
+        seconds=time.perf_counter() - t0, threads=threads,
+        bos_token_id=tokenizer.bos_token_id if bos or (bos is None and calib.adds_bos(tokenizer))
+        else None)
+
+
+def add_bos(tokenizer, mode: str) -> bool | None:
+    """lm-eval's ``add_bos_token`` for ``--bos mode``: it encodes every context with the
+    tokenizer, so auto is its default (None: the tokenizer's own convention, as `calib.adds_bos`
+    reads it), never is False, and always is True where the tokenizer adds a BOS itself;
+    lm-eval cannot put one before texts of a tokenizer that adds none, so that is refused."""
+    if mode == "auto":
+        return None
+    if mode == "never":
+        return False
+    if not calib.adds_bos(tokenizer):
+        raise UsageError("--bos always with --tasks: lm-eval encodes every context with the "
+                         "model's tokenizer, which adds no BOS token; use --bos auto (the "
+                         "tokenizer's convention) or --bos never")
+    return True
