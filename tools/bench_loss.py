@@ -33,9 +33,9 @@ from pathlib import Path
 WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")  # pass --eval-data elsewhere
 ROWS = (("uniform", "uniform", []),
         ("loss, zerosum, first order (ZS-SVD's selection)", "zs", ["--allocate", "loss"]),
+        ("loss, zerosum, + Fisher term", "zs-fisher", ["--allocate", "loss", "--loss-terms", "fisher"]),
         ("loss, smallest first, first order", "smallest",
          ["--allocate", "loss", "--selection", "smallest"]),
-        ("loss, zerosum, + Fisher term", "zs-fisher", ["--allocate", "loss", "--loss-terms", "fisher"]),
         ("loss, smallest first, + Fisher term", "smallest-fisher",
          ["--allocate", "loss", "--selection", "smallest", "--loss-terms", "fisher"]))
 

@@ -99,7 +99,8 @@ def load_scores(path: Path, key: dict) -> tuple[dict, int]:
     tensors, meta = checkpoint.load_state(path)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
         raise CheckpointMismatch(
-            f"{path} holds loss scores of another store, model, layer set or calibration; "
+            f"{path} holds loss scores of another store, model, layer set, calibration or "
+            f"scores format (coala-stream version); "
             f"delete it or pass --scores with another directory")
     done = int(meta["windows_done"])
     return {name: (tensors[f"S:{name}"], tensors[f"P:{name}"], tensors[f"Q:{name}"])
