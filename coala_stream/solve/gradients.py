@@ -18,7 +18,8 @@ is refused, never overwritten.
 
 Memory: the model in float32 on --device (whole), one float32 gradient per compressed
 linear, and per linear U (m x k) and U^T W (k x n) in float32: about three times the
-linears' float32 size beside the model (SmolLM2-135M: about 1.5 GB in all).
+linears' float32 size beside the model (SmolLM2-135M: a solve that ran this pass peaked at
+3.2-3.6 GB, one that reused its scores at 1.4 GB, uniform at 1.6 GB; docs/benchmarks.md).
 """
 
 from __future__ import annotations
