@@ -10,12 +10,13 @@ factor L (a triangular solve per layer); since ``s_i v_i = R W^T u_i`` the
 inverse cancels, so here nothing is inverted and no Gram matrix is formed.
 
 With L the mean of the windows' losses L_w and g_w = dL_w/dW, the same projection of
-each window's gradient, ``p_wi = <g_w, D_i>``, gives both the first-order change
-(their mean) and an empirical-Fisher second-order term ``0.5 mean_w p_wi^2``
-(``0.5 D_i^T F D_i`` with ``F = mean_w g_w g_w^T``). A per-window Fisher is a
-coarse curvature estimate (it sees a window's tokens only through their mean
-gradient, so it underestimates a per-token Fisher roughly by the window length);
-docs/benchmarks.md measures how either predicts the loss change of real drops.
+each window's gradient, ``p_wi = <g_w, D_i>``, gives the first-order change (their
+mean) and an empirical-Fisher second-order term ``0.5 mean_w p_wi^2`` (``0.5 D_i^T F
+D_i`` with ``F = mean_w g_w g_w^T``). That per-window Fisher sees a window's tokens
+only through their mean gradient, so it underestimates a per-token Fisher roughly by
+the window length; `position_fisher` estimates the per-token one from the layer's
+inputs and output gradients in the same backward pass. docs/benchmarks.md measures how
+each predicts the loss change of real drops.
 """
 
 from __future__ import annotations
@@ -40,12 +41,33 @@ def drop_projections(U: torch.Tensor, UtW: torch.Tensor, G: torch.Tensor) -> tor
     return -((U.T @ G) * UtW).sum(dim=1)
 
 
-def loss_estimates(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first order, second-order term) per component from ``P`` (windows x k), the
-    windows' `drop_projections`: ``mean_w P`` and ``0.5 mean_w P^2`` (empirical Fisher
-    along D_i); the predicted change of dropping i is their sum with --loss-terms fisher."""
+def loss_estimates(P: torch.Tensor, Q: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per component: (first order, per-window Fisher term, per-token Fisher term).
+
+    ``P`` (windows x k): the windows' `drop_projections`; ``Q`` (windows x k): their
+    `position_fisher`. First order ``mean_w P``; ``0.5 mean_w P^2`` (``0.5 D^T F D`` with
+    the per-window empirical Fisher); ``0.5 mean_w Q`` (with the per-token one; None
+    without Q). --loss-terms fisher adds the last to the first."""
     P = P.to(torch.float64)
-    return P.mean(dim=0), 0.5 * P.square().mean(dim=0)
+    token = None if Q is None else 0.5 * Q.to(torch.float64).mean(dim=0)
+    return P.mean(dim=0), 0.5 * P.square().mean(dim=0), token
+
+
+def position_fisher(U: torch.Tensor, UtW: torch.Tensor, X: torch.Tensor, dY: torch.Tensor,
+                    positions: int) -> torch.Tensor:
+    """``positions * sum_t (u_i^T dy_t)^2 (u_i^T W x_t)^2`` for every component i (k,).
+
+    X (T x n): one window's inputs of the layer; dY (T x m): the gradient of the window's
+    mean loss with respect to the layer's outputs; positions: the tokens that mean runs
+    over. A token's own gradient is approximated by ``positions * dy_t x_t^T`` (its
+    position's share of the backward pass), so this is ``D_i^T F D_i`` for the per-token
+    empirical Fisher F of that window; `loss_estimates` averages it over windows. Cost
+    O(T k (m + n)); no m x m or n x n matrix.
+    """
+    a = dY.to(U.dtype) @ U          # T x k: u_i^T dy_t
+    b = X.to(U.dtype) @ UtW.T       # T x k: u_i^T W x_t
+    return positions * (a.square() * b.square()).sum(dim=0)
 
 
 def dropped_weight(W: torch.Tensor, U: torch.Tensor, drop: torch.Tensor | list[int],

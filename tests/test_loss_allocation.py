@@ -21,7 +21,8 @@ from coala_stream.cli import main
 from coala_stream.errors import CheckpointMismatch, UsageError
 from coala_stream.models import ModelSpec, load_config
 from coala_stream.reduce import read_result
-from coala_stream.scores import components, drop_projections, dropped_weight, loss_estimates
+from coala_stream.scores import (components, drop_projections, dropped_weight, loss_estimates,
+                                 position_fisher)
 from coala_stream.solve import SolveConfig, plan_layers, run_solve
 from coala_stream.solve import gradients
 from coala_stream.solve.select import layer_cost, select_ranks
@@ -98,11 +99,27 @@ def test_first_order_score_is_the_derivative_along_the_drop(base):
                                                                          abs=1e-4 * scale)
 
 
-def test_loss_estimates_are_the_mean_and_the_empirical_fisher():
+def test_loss_estimates_are_the_mean_and_the_empirical_fishers():
     P = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
-    first, second = loss_estimates(P)
+    first, window, token = loss_estimates(P, torch.tensor([[4.0, 0.0], [2.0, 6.0]]))
     assert first.tolist() == [2.0, -1.0]
-    assert second.tolist() == [0.5 * 5.0, 0.5 * 2.0]
+    assert window.tolist() == [0.5 * 5.0, 0.5 * 2.0]
+    assert token.tolist() == [1.5, 1.5]
+
+
+def test_position_fisher_is_the_per_token_fisher_along_each_drop():
+    """positions * sum_t (dy_t^T D_i x_t)^2, each D_i formed explicitly, in float64."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    X = torch.randn(5, 9, dtype=torch.float64, generator=g)
+    dY = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    R = torch.linalg.qr(torch.randn(20, 9, dtype=torch.float64, generator=g), mode="r")[1]
+    U, _, UtW = components(W, R)
+    got = position_fisher(U, UtW, X, dY, positions=4)
+    for i in range(U.shape[1]):
+        D = dropped_weight(W, U, [i]) - W
+        want = 4 * sum(float(dY[t] @ D @ X[t]) ** 2 for t in range(5))
+        assert float(got[i]) == pytest.approx(want, rel=1e-10)
 
 
 def test_the_gradient_pass_matches_float64_differences_on_the_stores_windows(base, store, tmp_path):
@@ -114,8 +131,8 @@ def test_the_gradient_pass_matches_float64_differences_on_the_stores_windows(bas
         ids = gradients.calibration_ids(st, spec, config)
         R = read_result(st, layers[1].input).R
     assert ids.shape == (4, 48)
-    S, P = scores[layers[1].name]
-    assert P.shape == (4, S.shape[0])
+    S, P, Q = scores[layers[1].name]
+    assert P.shape == Q.shape == (4, S.shape[0]) and bool((Q >= 0).all())
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval()
     lin = model.get_submodule(layers[1].name)
     W = lin.weight.detach().clone()
@@ -220,7 +237,8 @@ def test_a_killed_gradient_pass_resumes_and_gives_the_same_scores(base, store, t
         resumed = gradients.component_scores(st, spec, config, layers, torch.device("cpu"),
                                              tmp_path / "b", **quiet)
         for name in whole:
-            assert torch.allclose(whole[name][1], resumed[name][1], rtol=1e-5, atol=1e-9)
+            for part in (1, 2):
+                assert torch.allclose(whole[name][part], resumed[name][part], rtol=1e-5, atol=1e-9)
         other = plan_layers(st, config, r"layers\.0\.")
         with pytest.raises(CheckpointMismatch, match="another"):
             gradients.component_scores(st, spec, config, other, torch.device("cpu"),

@@ -30,12 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")  # pass --eval-data elsewhere
 ROWS = (("uniform", "uniform", []),
         ("loss, zerosum, first order (ZS-SVD's selection)", "zs", ["--allocate", "loss"]),
+        ("loss, zerosum, + Fisher term", "zs-fisher", ["--allocate", "loss", "--loss-terms", "fisher"]),
         ("loss, smallest first, first order", "smallest",
          ["--allocate", "loss", "--selection", "smallest"]),
-        ("loss, zerosum, + Fisher term", "zs-fisher", ["--allocate", "loss", "--loss-terms", "fisher"]),
         ("loss, smallest first, + Fisher term", "smallest-fisher",
          ["--allocate", "loss", "--selection", "smallest", "--loss-terms", "fisher"]))
 
@@ -140,7 +140,7 @@ def check(args) -> None:
             lin = model.get_submodule(name)
             W = lin.weight.detach().clone()
             U, _ = coala_svd(W, read_result(store, _input_of(store, name)).R)
-            first, second = loss_estimates(tensors[f"P:{name}"])
+            first, window, token = loss_estimates(tensors[f"P:{name}"], tensors.get(f"Q:{name}"))
             k = U.shape[1]
             r = rank_for_ratio(*W.shape, args.ratio)
             picks = sorted({0, 1, k // 4, k // 2, r, k - 50, k - 10, k - 2, k - 1})
@@ -149,9 +149,11 @@ def check(args) -> None:
                 lin.weight.copy_(dropped_weight(W, U, drop))
                 measured = _tail_loss(model, block, cache, ids) - base
                 lin.weight.copy_(W)
-                f1, f2 = float(first[drop].sum()), float(second[drop].sum())
+                f1 = float(first[drop].sum())
                 lines.append({"layer": name, "drop": label, "measured": measured, "first": f1,
-                              "first_plus_fisher": f1 + f2})
+                              "first_plus_window_fisher": f1 + float(window[drop].sum()),
+                              "first_plus_token_fisher": None if token is None
+                              else f1 + float(token[drop].sum())})
                 print(json.dumps(lines[-1]), flush=True)
     (work / "check.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
 

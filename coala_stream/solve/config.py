@@ -74,8 +74,9 @@ class SolveConfig:
                 "the running sum of predicted changes near zero) | smallest (smallest predicted "
                 "change first); default zerosum", "choices": SELECTIONS})
     loss_terms: str | None = field(default=None, metadata={
-        "help": "with --allocate loss: first (first-order change, as ZS-SVD) | fisher (plus an "
-                "empirical-Fisher second-order term from the per-window gradients); default first",
+        "help": "with --allocate loss: first (first-order change, as ZS-SVD) | fisher (plus a "
+                "second-order term from a per-token empirical Fisher, from the same backward "
+                "pass); default first",
         "choices": LOSS_TERMS})
     scores: str | None = field(default=None, metadata={
         "help": "with --allocate loss: directory of the loss scores (resumed after a kill, reused "

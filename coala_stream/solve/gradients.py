@@ -5,7 +5,9 @@ the store was captured from, drawn again from its recorded source, seed and size
 checked against its ``tokens_sha256``), loss = the window's mean next-token cross
 entropy. After each window the gradient of every compressed linear is projected on
 each of its components (`scores.drop_projections`) and dropped; the projections, not
-the gradients, are kept: (windows x k) numbers per layer.
+the gradients, are kept: (windows x k) numbers per layer. Hooks on the same linears
+see each one's inputs and output gradient in that backward pass, from which
+`scores.position_fisher` gives a per-token Fisher term per component (windows x k).
 
 Resume: after every window the projections so far are written atomically to
 ``SCORES_DIR/scores.safetensors`` (`checkpoint.save_state`), with the store, model,
@@ -16,7 +18,8 @@ is refused, never overwritten.
 
 Memory: the model in float32 on --device (whole), one float32 gradient per compressed
 linear, and per linear U (m x k) and U^T W (k x n) in float32: about three times the
-linears' float32 size beside the model (SmolLM2-135M: about 1.5 GB in all).
+linears' float32 size beside the model (SmolLM2-135M: a solve that ran this pass peaked at
+3.2-3.6 GB, one that reused its scores at 1.4 GB, uniform at 1.6 GB; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,13 +33,13 @@ from .. import calib, checkpoint, models
 from ..errors import CheckpointMismatch, CoalaError
 from ..progress import bar as progress_bar
 from ..reduce import read_result
-from ..scores import components, drop_projections
+from ..scores import components, drop_projections, position_fisher
 from ..signals import StopRequests
 from .layer import Layer, input_view
 
 SCORES_FILE = "scores.safetensors"
 FORMAT = "coala-stream/loss-scores"
-VERSION = 1
+VERSION = 2  # 2: the per-token Fisher terms Q beside the projections P
 
 
 def calibration_ids(store, spec, model_config, data: str | None = None) -> torch.Tensor:
@@ -91,22 +94,25 @@ def run_key(store, model_config, layers: list[Layer], windows: int) -> dict:
 
 
 def load_scores(path: Path, key: dict) -> tuple[dict, int]:
-    """({module: (S, P)}, windows done) of a scores file matching ``key``; ({}, 0) if none."""
+    """({module: (S, P, Q)}, windows done) of a scores file matching ``key``; ({}, 0) if none."""
     if not path.exists():
         return {}, 0
     tensors, meta = checkpoint.load_state(path)
-    if meta.get("format") != FORMAT or meta.get("key") != key:
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
         raise CheckpointMismatch(
-            f"{path} holds loss scores of another store, model, layer set or calibration; "
+            f"{path} holds loss scores of another store, model, layer set, calibration or "
+            f"scores format (coala-stream version); "
             f"delete it or pass --scores with another directory")
     done = int(meta["windows_done"])
-    return {name: (tensors[f"S:{name}"], tensors[f"P:{name}"]) for name in key["layers"]}, done
+    return {name: (tensors[f"S:{name}"], tensors[f"P:{name}"], tensors[f"Q:{name}"])
+            for name in key["layers"]}, done
 
 
 def component_scores(store, spec, model_config, layers: list[Layer], device, scores_dir: Path,
                      data: str | None = None, progress: bool = True, say=print) -> dict:
-    """{module: (S (k,), P (windows x k))}: the spectrum of W R^T and every window's
-    projection of dL/dW on each component; computed, resumed or read back (module doc)."""
+    """{module: (S (k,), P (windows x k), Q (windows x k))}: the spectrum of W R^T, every
+    window's projection of dL/dW on each component and its per-token Fisher term
+    (`scores.position_fisher`); computed, resumed or read back (module doc)."""
     path = Path(scores_dir) / SCORES_FILE
     ids = calibration_ids(store, spec, model_config, data)
     key = run_key(store, model_config, layers, int(ids.shape[0]))
@@ -118,17 +124,20 @@ def component_scores(store, spec, model_config, layers: list[Layer], device, sco
         f"(gradient pass of the original model, float32, {device}); saved to {path}")
     model = models.load_model(spec, "float32", device, config=model_config, progress=False)
     bases = _bases(model, store, layers, device, progress)
-    rows = {name: list(scores[name][1]) if scores else [] for name in bases}
+    rows = {name: [list(scores[name][1]), list(scores[name][2])] if scores else [[], []]
+            for name in bases}
     Path(scores_dir).mkdir(parents=True, exist_ok=True)
     with StopRequests("the loss-score pass") as stop, \
             progress_bar(ids.shape[0] - done, "loss scores", "window", enabled=progress) as bar:
         for w in range(done, ids.shape[0]):
-            for name, p in _window_projections(model, bases, ids[w:w + 1].to(device)).items():
-                rows[name].append(p)
+            for name, (p, q) in _window_projections(model, bases, ids[w:w + 1].to(device)).items():
+                rows[name][0].append(p)
+                rows[name][1].append(q)
             _save(path, bases, rows, key, w + 1)
             bar.update()
             stop.check(f"after window {w + 1} of {ids.shape[0]} (saved)")
-    return {name: (bases[name][1].cpu(), torch.stack(rows[name])) for name in bases}
+    return {name: (bases[name][1].cpu(), torch.stack(rows[name][0]), torch.stack(rows[name][1]))
+            for name in bases}
 
 
 def _bases(model, store, layers: list[Layer], device, progress: bool) -> dict:
@@ -151,15 +160,33 @@ def _bases(model, store, layers: list[Layer], device, progress: bool) -> dict:
 
 
 def _window_projections(model, bases: dict, ids: torch.Tensor) -> dict:
-    """One window: loss, backward, each layer's projections (float64 on CPU), grads freed."""
+    """One window: loss, backward, each layer's (projections, per-token Fisher terms), float64
+    on CPU; the gradients are freed."""
     model.zero_grad(set_to_none=True)
-    logits = model(ids).logits[0, :-1].float()
-    loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
-    loss.backward()
+    positions = ids.shape[1] - 1
+    fisher: dict[str, torch.Tensor] = {}
+
+    def watch(name, U, UtW):
+        def forward(module, inputs, output):
+            x = inputs[0].detach()[0]  # (T x n): a batch of one window
+
+            def backward(grad):
+                fisher[name] = position_fisher(U, UtW, x, grad[0], positions).to("cpu", torch.float64)
+            output.register_hook(backward)
+        return forward
+
+    handles = [model.get_submodule(name).register_forward_hook(watch(name, U, UtW))
+               for name, (U, _, UtW) in bases.items()]
+    try:
+        logits = model(ids).logits[0, :-1].float()
+        torch.nn.functional.cross_entropy(logits, ids[0, 1:]).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
     out = {}
     for name, (U, _, UtW) in bases.items():
         weight = model.get_submodule(name).weight
-        out[name] = drop_projections(U, UtW, weight.grad).to("cpu", torch.float64)
+        out[name] = (drop_projections(U, UtW, weight.grad).to("cpu", torch.float64), fisher[name])
         weight.grad = None
     return out
 
@@ -168,6 +195,7 @@ def _save(path: Path, bases: dict, rows: dict, key: dict, done: int) -> None:
     tensors = {}
     for name, (_, S, _) in bases.items():
         tensors[f"S:{name}"] = S
-        tensors[f"P:{name}"] = torch.stack(rows[name])
+        tensors[f"P:{name}"] = torch.stack(rows[name][0])
+        tensors[f"Q:{name}"] = torch.stack(rows[name][1])
     checkpoint.save_state(path, tensors, {"format": FORMAT, "version": VERSION, "key": key,
                                           "windows_done": done, "saved_at": time.time()})

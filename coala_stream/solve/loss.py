@@ -2,7 +2,7 @@
 
 `gradients.component_scores` gives every component's projected gradient per window;
 `scores.loss_estimates` turns them into a predicted loss change per dropped component
-(first order, or with --loss-terms fisher plus the empirical-Fisher term);
+(first order, or with --loss-terms fisher plus the per-token empirical-Fisher term);
 `select.select_ranks` picks the ranks (ZS-SVD's zero-sum rule or smallest-first) within
 the budget uniform spends at the same --ratio / --rank, a layer whose rank would not save
 parameters staying dense. With --selection zerosum and --loss-terms first this is
@@ -38,8 +38,8 @@ def loss_allocation(store, spec, model_config, layers: list[Layer], uniform: lis
     terms = config.loss_terms or "first"
     rows, deltas = [], []
     for layer in layers:
-        S, P = scores[layer.name]
-        first, second = loss_estimates(P)
+        S, P, Q = scores[layer.name]
+        first, _, second = loss_estimates(P, Q)  # the per-window Fisher term: see scores.py
         delta = first + second if terms == "fisher" else first
         # fewer calibration tokens than min(m, n): W R^T has fewer components than a rank
         # can hold; the rest change nothing the calibration sees, so they score 0
