@@ -84,6 +84,12 @@ class BlockWeights:
             m.weight = self.original[name]
 
 
+def add_cpu(timing: dict, key: str, since: float) -> None:
+    """Add this process's CPU seconds since ``since`` (`time.process_time`) to ``timing[key]``:
+    beside the wall seconds, what a step costs on a shared machine (issue 25's profile)."""
+    timing[key] = timing.get(key, 0.0) + time.process_time() - since
+
+
 def needs_original(settings: dict) -> bool:
     """Whether the original model's hidden states must run beside the compressed ones."""
     return settings.get("objective") == "output" or bool(settings.get("refine_steps"))
@@ -149,15 +155,17 @@ def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, 
         raw = capture_group(bm, k, g, store, work, rec, bw, plan, settings, kept)
         rec["group_captured"] = gi
         work.write_progress(rec)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     reduce_inputs(config, plan, [g.name])
     timing["reduce_seconds"] += time.perf_counter() - t
-    t = time.perf_counter()
+    add_cpu(timing, "reduce_cpu_seconds", c)
+    t, c = time.perf_counter(), time.process_time()
     with torch_threads(plan.compute_threads):
         factors = solve_group(bm, k, g, store, work, bw, plan, settings)
     for name, (A, B) in factors.items():
         bw.apply(name, A, B)
     timing["solve_seconds"] += time.perf_counter() - t
+    add_cpu(timing, "solve_cpu_seconds", c)
     timing["compressed_layers"] += len(factors)
     applied.write_block(store, k, bw.factors, {"groups_done": gi + 1, "refine_steps": 0,
                                                "settings": settings})
@@ -188,7 +196,7 @@ def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, 
         work.write_progress(rec)
     steps = settings.get("refine_steps") or 0
     if steps and bw.factors and not rec.get("refined"):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         refined = refine_block(bm, k, bw, work, src, odst, steps, settings["refine_lr"],
                                plan.batch_size)
         for name, (A, B) in refined.items():
@@ -196,6 +204,7 @@ def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, 
         applied.write_block(store, k, bw.factors, {"groups_done": rec.get("groups_done", 0),
                                                    "refine_steps": steps, "settings": settings})
         timing["refine_seconds"] = timing.get("refine_seconds", 0.0) + time.perf_counter() - t
+        add_cpu(timing, "refine_cpu_seconds", c)
         rec["refined"] = True
         work.write_progress(rec)
     if kept is not None:
