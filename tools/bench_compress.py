@@ -11,7 +11,9 @@ Runs ``coala-stream compress`` as a child process on the embedded SmolLM2-135M (
   tokens on one thread, measured in this same run (best of ``--forward-repeats``);
 - their ratio: the command's cost in *forward passes*, the unit of issue 25;
 - compress's own per-step seconds from its ``--json`` summary (``reduce_seconds``,
-  ``solve_seconds``, ``refine_seconds``, the capture's and solve's wall seconds).
+  ``solve_seconds``, ``refine_seconds``, the capture's and solve's wall seconds) and, where
+  compress reports them, the same steps' CPU seconds (``*_cpu_seconds``; the propagating
+  capture's blocks loop as ``capture_cpu_seconds``).
 
 The machine is shared: the load (``os.getloadavg``) before and after is printed with
 the result, and one JSON line is appended to ``--results`` when given.
@@ -99,9 +101,10 @@ def steps_of(summary: dict) -> dict:
     capture = summary["steps"]["capture"]
     prop = capture.get("propagate") or {}
     out = {"compress_seconds": summary["seconds"], "capture_seconds": capture.get("seconds")}
-    for key in ("reduce_seconds", "solve_seconds", "refine_seconds"):
-        if key in prop:
-            out[key] = prop[key]
+    for key in ("reduce_seconds", "solve_seconds", "refine_seconds", "cpu_seconds",
+                "reduce_cpu_seconds", "solve_cpu_seconds", "refine_cpu_seconds"):
+        if key in prop:  # the capture's own CPU seconds (model loading excluded): capture_cpu
+            out["capture_cpu_seconds" if key == "cpu_seconds" else key] = prop[key]
     out["final_solve_seconds"] = summary["report"].get("seconds")
     return out
 

@@ -41,6 +41,7 @@ from ..reduce import DTYPES, Partial, ReduceConfig, fold_group, read_result, run
 from ..solve import Layer, SolveConfig, factor_layers
 from .blocks import BlockModel
 from .config import SequentialConfig
+from .original import OUTPUT, OriginalRows
 from .passes import probe_block, save_pending
 from .refine import refine_block
 from .workdir import WorkDir
@@ -83,6 +84,12 @@ class BlockWeights:
             m.weight = self.original[name]
 
 
+def add_cpu(timing: dict, key: str, since: float) -> None:
+    """Add this process's CPU seconds since ``since`` (`time.process_time`) to ``timing[key]``:
+    beside the wall seconds, what a step costs on a shared machine (issue 25's profile)."""
+    timing[key] = timing.get(key, 0.0) + time.process_time() - since
+
+
 def needs_original(settings: dict) -> bool:
     """Whether the original model's hidden states must run beside the compressed ones."""
     return settings.get("objective") == "output" or bool(settings.get("refine_steps"))
@@ -106,13 +113,25 @@ def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, rec: dict, tar
                                  f"--overwrite to start over")
             for name, (A, B) in got[0].items():
                 bw.apply(name, A, B)
+        kept = _original_rows(bm, groups, done, work, plan, settings)
         for gi in range(done, len(groups)):
             raw += _compress_group(bm, k, gi, groups[gi], store, work, rec, bw, plan, config,
-                                   settings, say, timing)
-        _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing)
+                                   settings, say, timing, kept)
+        _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing,
+                      kept)
     finally:
         bw.restore()
     return raw
+
+
+def _original_rows(bm, groups, done, work, plan, settings) -> OriginalRows | None:
+    """Where the pair objective's original rows of this block are kept (`original`)."""
+    if settings.get("objective") != "output":
+        return None
+    todo = groups[done:]
+    return OriginalRows([g.name for g in todo], [g.n for g in todo],
+                        bm.model.config.hidden_size, work.samples * work.seq_len,
+                        torch.finfo(bm.dtype).bits // 8)
 
 
 def _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say) -> list[InputGroup]:
@@ -130,21 +149,23 @@ def _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say) -> 
 
 
 def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, say,
-                    timing) -> int:
+                    timing, kept=None) -> int:
     raw = 0
     if rec.get("group_captured") != gi:
-        raw = capture_group(bm, k, g, store, work, rec, bw, plan, settings)
+        raw = capture_group(bm, k, g, store, work, rec, bw, plan, settings, kept)
         rec["group_captured"] = gi
         work.write_progress(rec)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     reduce_inputs(config, plan, [g.name])
     timing["reduce_seconds"] += time.perf_counter() - t
-    t = time.perf_counter()
+    add_cpu(timing, "reduce_cpu_seconds", c)
+    t, c = time.perf_counter(), time.process_time()
     with torch_threads(plan.compute_threads):
         factors = solve_group(bm, k, g, store, work, bw, plan, settings)
     for name, (A, B) in factors.items():
         bw.apply(name, A, B)
     timing["solve_seconds"] += time.perf_counter() - t
+    add_cpu(timing, "solve_cpu_seconds", c)
     timing["compressed_layers"] += len(factors)
     applied.write_block(store, k, bw.factors, {"groups_done": gi + 1, "refine_steps": 0,
                                                "settings": settings})
@@ -157,20 +178,25 @@ def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, 
     return raw
 
 
-def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing) -> None:
+def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing,
+                  kept=None) -> None:
     """After the groups: the original block's pass, the refinement, the compressed pass."""
     src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
     osrc = rec.get("osrc") or src  # before block 0 the two models' hidden states are one
     odst = "o" + dst
     original = needs_original(settings) and not (is_last and not settings.get("refine_steps"))
     if original and not rec.get("original_done"):
-        with bw.originals():
-            run_pass(bm, k, work, osrc, odst, plan.batch_size)
+        starts = range(0, work.samples, plan.batch_size)
+        if kept is not None and kept.has_outputs(starts):
+            write_kept(bm, k, work, odst, plan.batch_size, kept)
+        else:
+            with bw.originals():
+                run_pass(bm, k, work, osrc, odst, plan.batch_size)
         rec["original_done"] = True
         work.write_progress(rec)
     steps = settings.get("refine_steps") or 0
     if steps and bw.factors and not rec.get("refined"):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         refined = refine_block(bm, k, bw, work, src, odst, steps, settings["refine_lr"],
                                plan.batch_size)
         for name, (A, B) in refined.items():
@@ -178,8 +204,11 @@ def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, 
         applied.write_block(store, k, bw.factors, {"groups_done": rec.get("groups_done", 0),
                                                    "refine_steps": steps, "settings": settings})
         timing["refine_seconds"] = timing.get("refine_seconds", 0.0) + time.perf_counter() - t
+        add_cpu(timing, "refine_cpu_seconds", c)
         rec["refined"] = True
         work.write_progress(rec)
+    if kept is not None:
+        kept.clear()
     if not is_last:
         run_pass(bm, k, work, src, dst, plan.batch_size)
     for key in ("groups_done", "group_captured", "original_done", "refined"):
@@ -204,6 +233,21 @@ def run_pass(bm: BlockModel, k: int, work: WorkDir, src: str, dst: str, batch: i
     signals.check("capture", f"in block {k}'s pass to {dst} (the rows written are kept)")
 
 
+def write_kept(bm: BlockModel, k: int, work: WorkDir, dst: str, batch: int,
+               kept: OriginalRows) -> None:
+    """`run_pass` of the original block with the outputs ``kept`` from the first group's
+    pass (the same tensors it would compute); resumes as run_pass does."""
+    block, rows = work.state(dst)
+    start = rows if block == k else 0
+    if block != k:
+        work.claim(dst, k, bm.model.config.hidden_size)
+    for s in range(start - start % batch, work.samples, batch):
+        work.write(dst, s, kept.take(OUTPUT, s), block=k)
+        if signals.requested():
+            break
+    signals.check("capture", f"in block {k}'s pass to {dst} (the rows written are kept)")
+
+
 def input_at(bm: BlockModel, k: int, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """The input ``module`` of block ``k`` receives when the block runs on ``x``; the forward
     stops there."""
@@ -222,9 +266,11 @@ def input_at(bm: BlockModel, k: int, x: torch.Tensor, module: torch.nn.Module) -
 
 
 def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, rec: dict,
-                  bw: BlockWeights, plan: Plan, settings: dict) -> int:
+                  bw: BlockWeights, plan: Plan, settings: dict,
+                  kept: OriginalRows | None = None) -> int:
     """All samples' rows of group ``g``'s input into the store (step 1 of the module
-    docstring); resumes after its committed chunks. Returns raw bytes written."""
+    docstring); resumes after its committed chunks. Returns raw bytes written. ``kept``:
+    the original block's rows of this block (`original`), taken from or filled there."""
     samples, seq_len, B = work.samples, work.seq_len, plan.batch_size
     pair = settings.get("objective") == "output"
     info = store.input(g.name)
@@ -242,8 +288,7 @@ def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, r
             for s in range(cap_start, samples, B):
                 rows = input_at(bm, k, work.read(src, s, s + B).to(bm.device), module)
                 if pair:
-                    with bw.originals():
-                        x = input_at(bm, k, work.read(osrc, s, s + B).to(bm.device), module)
+                    x = _original_input(bm, k, g, work, osrc, s, B, bw, kept)
                     rows = torch.cat([rows, x], dim=-1)
                 for index, chunk in buffer.add(rows.reshape(-1, info.n)):
                     writer.put(("chunk", g.name, index, chunk))
@@ -260,6 +305,20 @@ def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, r
     signals.check("capture", f"in block {k}, group {g.name} (every committed chunk is kept)")
     save_pending(work, {g.name: buffer}, k)
     return writer.raw_bytes
+
+
+def _original_input(bm, k, g, work, osrc, s, B, bw, kept) -> torch.Tensor:
+    """Group ``g``'s input in the original block for batch ``s``: kept from an earlier
+    group's pass, else computed (and, when ``kept`` is enabled, the later groups' inputs and
+    the block's output kept beside it)."""
+    x = None if kept is None else kept.take(g.name, s)
+    if x is not None:
+        return x
+    xo = work.read(osrc, s, s + B).to(bm.device)
+    with bw.originals():
+        if kept is None or not kept.enabled:
+            return input_at(bm, k, xo, bw.mods[g.name])
+        return kept.fill(lambda t: bm.run_block(k, t), bw.mods, g.name, s, xo, True)
 
 
 def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw: BlockWeights,

@@ -27,7 +27,7 @@ from ..signals import StopRequests
 from .blocks import BlockModel
 from .config import SequentialConfig
 from .passes import capture_block, finish
-from .propagate import propagate_block, reduce_inputs
+from .propagate import add_cpu, propagate_block, reduce_inputs
 from .workdir import WorkDir, default_hidden_dir
 
 
@@ -45,7 +45,9 @@ def run_sequential(config: SequentialConfig, progress: bool = True) -> dict:
     ``blocks`` (blocks run) and ``block_before`` (the block a resumed run started at);
     with ``--propagate``, ``propagate``: the settings (method, ratio, rank, mu) and, for
     a run that got to the end, ``compressed_layers``, ``reduce_seconds``, ``solve_seconds``
-    (this run's)."""
+    (this run's; wall), and the same as CPU seconds of this process (``reduce_cpu_seconds``,
+    ``solve_cpu_seconds``, ``refine_cpu_seconds``; ``cpu_seconds``: the blocks' loop and final
+    commit and reduce, model loading excluded)."""
     config.check()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     lock = capture_lock(config.out)
@@ -138,6 +140,7 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
         bar = progress_bar((last + 2) * samples, initial=done * samples, unit="sample",
                            desc="capture --sequential", enabled=progress, dynamic_ncols=True)
     timing = {"reduce_seconds": 0.0, "solve_seconds": 0.0, "compressed_layers": 0}
+    cpu0 = time.process_time()
     try:
         if rec["src"] is None:  # embeddings -> array a
             bar.set_postfix_str("embeddings", refresh=False)
@@ -172,9 +175,11 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
         names, last_raw = finish(store, work, samples, seq_len)
         raw += last_raw
         if propagate:  # every input's last, partial chunk onto its result: the store is reduced
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             reduce_inputs(config, plan, None)
             timing["reduce_seconds"] += time.perf_counter() - t
+            add_cpu(timing, "reduce_cpu_seconds", c)
+            timing["cpu_seconds"] = time.process_time() - cpu0
             summary["propagate"].update(timing)
         bar.update(bar.total - bar.n)
     finally:
