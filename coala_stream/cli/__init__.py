@@ -65,7 +65,33 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The program (``argv`` None: ``sys.argv``, and the signal handlers stay for the exit);
+    with ``argv``, in-process: the caller's handlers are put back."""
+    if argv is None:
+        code = _main(sys.argv[1:])
+        _exit_on_signal(code)
+        return code
+    return _main(list(argv))
+
+
+def _exit_on_signal(code: int) -> None:
+    """After the command: a SIGINT/SIGTERM while the interpreter shuts down (seconds with torch
+    loaded) ends the process with the command's own code, not a signal's death or traceback."""
+    import os
+    import signal
+
+    def done(signum, frame):
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, done)
+
+
+def _main(argv: list[str]) -> int:
     command, debug = _command(argv), "--debug" in argv
     # Parsing is inside the handlers too: a subcommand's options import torch, which takes
     # seconds, and a Ctrl-C or SIGTERM then must end in one line like any other moment.
