@@ -190,7 +190,8 @@ def _steps(config: CompressConfig, work: Path, say, t0: float, progress: bool) -
     if not config.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return {"out": report["out"], "work": None if not config.keep_work else str(work),
-            "seconds": time.perf_counter() - t0, "steps": steps, "report": report}
+            "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+            "steps": steps, "report": report}
 
 
 def _brief(summary: dict) -> dict:
