@@ -69,26 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     with ``argv``, in-process: the caller's handlers are put back."""
     if argv is None:
         code = _main(sys.argv[1:])
-        _exit_on_signal(code)
+        _hold_signals_until_exit()
         return code
     return _main(list(argv))
 
 
-def _exit_on_signal(code: int) -> None:
-    """After the command: a SIGINT/SIGTERM while the interpreter shuts down (seconds with torch
-    loaded) ends the process with the command's own code, not a signal's death or traceback."""
-    import os
+def _hold_signals_until_exit() -> None:
+    """After the command: hold SIGINT/SIGTERM back while the interpreter shuts down (seconds
+    with torch loaded). Python puts the default handlers back while finalizing, so a signal
+    then killed the finished command (exit -2/-15, found by tools/soak.py); held, it is
+    discarded at exit and the command ends with its own code. SIGKILL still works."""
     import signal
 
-    def done(signum, frame):
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, done)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def _main(argv: list[str]) -> int:
