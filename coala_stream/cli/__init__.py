@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hold_signals_until_exit() -> None:
-    """After the command: hold SIGINT/SIGTERM back while the interpreter shuts down (seconds
-    with torch loaded). Python puts the default handlers back while finalizing, so a signal
-    then killed the finished command (exit -2/-15, found by tools/soak.py); held, it is
-    discarded at exit and the command ends with its own code. SIGKILL still works."""
+    """After the command: ignore SIGINT/SIGTERM while the interpreter shuts down (seconds with
+    torch loaded). Python puts the default handler back while finalizing wherever it had
+    one of its own, so a signal then killed the finished command (exit -2/-15, found by
+    tools/soak.py); an ignored one stays ignored, and the command ends with its own code.
+    (Blocking them is not enough: the other threads still take them.) SIGKILL still works."""
     import signal
 
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _main(argv: list[str]) -> int:
