@@ -323,3 +323,29 @@ def test_damaged_or_deleted_applied_factors_are_found_on_resume_and_name_overwri
     cfg.overwrite = True  # the fix the message names works
     report = run_compress(cfg, progress=False)["report"]
     assert all(not layer["kept_dense"] for layer in report["layers"])
+
+
+def test_compress_killed_after_its_output_appeared_finishes_on_rerun(tiny_model_dir, text_file,
+                                                                    tmp_path, monkeypatch, capsys):
+    """Found by tools/soak.py: a kill between solve publishing the output (a rename) and
+    compress returning left a rerun refusing "output ... already exists"."""
+    from coala_stream import compress
+
+    real = compress.run_solve
+
+    def killed_after(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("killed after the output appeared")
+
+    monkeypatch.setattr(compress, "run_solve", killed_after)
+    out = tmp_path / "m"
+    argv = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
+            "--seq-len", "32", "--refine-steps", "0", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="killed after"):
+        main(argv)
+    model = (out / "model.safetensors").read_bytes()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == model
+    assert not out.with_name("m.work").exists()  # the clean-up that was left is done
