@@ -32,7 +32,7 @@ import torch
 
 from .devices import resumed_threads, torch_threads
 from .errors import StoreError, UsageError
-from .export import check_out_dir
+from .export import REPORT_FILE, check_out_dir
 from .files import write_json
 from .reduce import ReduceConfig, run_reduce
 from .sequential import SequentialConfig, run_sequential
@@ -130,7 +130,8 @@ class CompressConfig:
 
     def check(self) -> None:
         """Every usage error before anything is loaded or written."""
-        check_out_dir(self.out, self.overwrite)
+        if not self.published():
+            check_out_dir(self.out, self.overwrite)
         self.capture(self.work_dir() / "prop.zarr", True).check()
         self.solve("-").validate()
         work = self.work_dir()
@@ -139,12 +140,32 @@ class CompressConfig:
                              f"another --work (compress deletes its work directory when done)")
 
 
+    def published(self) -> bool:
+        """Whether ``out`` is this work directory's finished output: a run killed after solve
+        published it (a rename: whole or absent) but before compress returned. A rerun then
+        has nothing left to do, instead of refusing an output that "already exists"."""
+        mark, out = self.work_dir() / MARK, Path(self.out)
+        try:
+            ours = json.loads(mark.read_text()).get("out") == str(self.out)
+        except (OSError, ValueError, AttributeError):
+            return False
+        return not self.overwrite and ours and (out / REPORT_FILE).is_file()
+
+
 def run_compress(config: CompressConfig, progress: bool = True) -> dict:
     """Compress the model (module docstring); returns a summary with the solve report."""
     config.check()
     t0 = time.perf_counter()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     work = config.work_dir()
+    if config.published():  # killed after the output appeared: only the clean-up was left
+        say(f"compress: {config.out} was written before the last run was stopped; nothing to do")
+        if not config.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        report = json.loads((Path(config.out) / REPORT_FILE).read_text())
+        return {"out": str(config.out), "work": str(work) if config.keep_work else None,
+                "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+                "status": "already complete", "steps": {}, "report": report}
     if config.overwrite and (work / MARK).is_file():  # start the work over, as --help says
         shutil.rmtree(work)  # (check() refused a --work that is not compress's own)
     work.mkdir(parents=True, exist_ok=True)
@@ -194,7 +215,8 @@ def _steps(config: CompressConfig, work: Path, say, t0: float, progress: bool) -
     if not config.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return {"out": report["out"], "work": None if not config.keep_work else str(work),
-            "seconds": time.perf_counter() - t0, "steps": steps, "report": report}
+            "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+            "steps": steps, "report": report}
 
 
 def _brief(summary: dict) -> dict:

@@ -247,12 +247,36 @@ def test_an_interrupt_during_start_up_is_one_line(tiny_model_dir, text_file, tmp
                                    str(tmp_path / "s.zarr"), "--data", str(text_file),
                                    "--samples", "64", "--seq-len", "32"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)
+    time.sleep(1.5)  # past Python's own start-up (no code of ours can act there), into torch's import
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in codes, err
     line = one_line(err)
     assert signal.Signals(sig).name in line and "rerun the same command" in line
+
+
+def test_a_signal_while_the_interpreter_shuts_down_keeps_the_command_s_exit_code(tmp_path):
+    """Python puts default handlers back while finalizing (torch makes that take seconds):
+    SIGTERM/SIGINT there killed a finished command (-15/-2). An atexit sleep stands in for
+    the slow shutdown; the command's own code (1: no such store) must come out."""
+    code = ("import atexit, sys, time\n"
+            "atexit.register(lambda: (print('EXITING', file=sys.stderr, flush=True), "
+            "time.sleep(2)))\n"
+            "from coala_stream.cli import main\n"
+            f"sys.argv = ['coala-stream', 'status', {str(tmp_path / 'none')!r}]\n"
+            "sys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        err = ""
+        while "EXITING" not in err and proc.poll() is None:
+            err += proc.stderr.readline()
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        err += proc.communicate(timeout=60)[1]
+        assert proc.returncode == 1, (sig, err)
+        assert "Traceback" not in err and "no store at" in err
 
 
 # -- D8: a lock file of binary garbage -----------------------------------------------------------
@@ -299,3 +323,29 @@ def test_damaged_or_deleted_applied_factors_are_found_on_resume_and_name_overwri
     cfg.overwrite = True  # the fix the message names works
     report = run_compress(cfg, progress=False)["report"]
     assert all(not layer["kept_dense"] for layer in report["layers"])
+
+
+def test_compress_killed_after_its_output_appeared_finishes_on_rerun(tiny_model_dir, text_file,
+                                                                    tmp_path, monkeypatch, capsys):
+    """Found by tools/soak.py: a kill between solve publishing the output (a rename) and
+    compress returning left a rerun refusing "output ... already exists"."""
+    from coala_stream import compress
+
+    real = compress.run_solve
+
+    def killed_after(*args, **kwargs):
+        real(*args, **kwargs)
+        raise RuntimeError("killed after the output appeared")
+
+    monkeypatch.setattr(compress, "run_solve", killed_after)
+    out = tmp_path / "m"
+    argv = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
+            "--seq-len", "32", "--refine-steps", "0", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="killed after"):
+        main(argv)
+    model = (out / "model.safetensors").read_bytes()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == model
+    assert not out.with_name("m.work").exists()  # the clean-up that was left is done

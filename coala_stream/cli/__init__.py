@@ -65,7 +65,28 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """The program (``argv`` None: ``sys.argv``, and the signal handlers stay for the exit);
+    with ``argv``, in-process: the caller's handlers are put back."""
+    if argv is None:
+        code = _main(sys.argv[1:])
+        _hold_signals_until_exit()
+        return code
+    return _main(list(argv))
+
+
+def _hold_signals_until_exit() -> None:
+    """After the command: ignore SIGINT/SIGTERM while the interpreter shuts down (seconds with
+    torch loaded). Python puts the default handler back while finalizing wherever it had
+    one of its own, so a signal then killed the finished command (exit -2/-15, found by
+    tools/soak.py); an ignored one stays ignored, and the command ends with its own code.
+    (Blocking them is not enough: the other threads still take them.) SIGKILL still works."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _main(argv: list[str]) -> int:
     command, debug = _command(argv), "--debug" in argv
     # Parsing is inside the handlers too: a subcommand's options import torch, which takes
     # seconds, and a Ctrl-C or SIGTERM then must end in one line like any other moment.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._common import add_parser, command_threads
+from ._common import add_parser, command_threads, threads_line
 from .options import add_options, config_from_args
 
 DESCRIPTION = """\
@@ -60,7 +60,8 @@ def run(args) -> int:
         print(json.dumps(summary))
     else:
         print(format_table(summary["report"]))
-        print(f"wrote {summary['out']} ({config.format}) in {summary['seconds']:.1f} s; {threads}")
+        print(f"wrote {summary['out']} ({config.format}) in {summary['seconds']:.1f} s; "
+              f"{threads_line(threads, summary['threads'])}")
         print(f"next: coala-stream eval {summary['out']}")
     sys.stdout.flush()
     return 0

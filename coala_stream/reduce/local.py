@@ -204,7 +204,7 @@ class Run:
         t0 = saved_at = time.monotonic()
         done = job.start  # chunks folded into part
         g, at_group = job.settings["group_chunks"], None
-        growing = not (self.store.attrs.get("capture") or {}).get("complete")
+        growing = self._growing()
         with ChunkPrefetcher(lambda i: self.store.read_chunk(job.name, i), job.start,
                              info.num_chunks, depth=self.cfg.prefetch,
                              threads=self.cfg.read_threads, pin=self.device.type == "cuda") as chunks:
@@ -228,6 +228,16 @@ class Run:
         seconds = job.seconds + time.monotonic() - t0
         self.save(job, info.num_chunks, seconds, at_group)
         return self.summary(job, seconds)
+
+    def _growing(self) -> bool:
+        """Whether the store's capture may still add chunks that a later reduce must fold in
+        the groups of one reduce of the finished store (D7 of issue 22). Not a propagating
+        capture's store: its reduces always extend a result by the one pending chunk, as the
+        capture's own solve folded it (`sequential.propagate.reduced_input`), so the store's
+        R stays the one its factors were solved from."""
+        attrs = self.store.attrs
+        return not ((attrs.get("capture") or {}).get("complete")
+                    or (attrs.get("capture_settings") or {}).get("propagate"))
 
     def _fold_group(self, job: Job, chunks, a: int, b: int, done: int, t0: float) -> None:
         try:
