@@ -139,17 +139,24 @@ class CompressConfig:
             raise UsageError(f"--work {work} exists and is not a compress work directory; choose "
                              f"another --work (compress deletes its work directory when done)")
 
-
     def published(self) -> bool:
         """Whether ``out`` is this work directory's finished output: a run killed after solve
         published it (a rename: whole or absent) but before compress returned. A rerun then
         has nothing left to do, instead of refusing an output that "already exists"."""
         mark, out = self.work_dir() / MARK, Path(self.out)
         try:
-            ours = json.loads(mark.read_text()).get("out") == str(self.out)
+            recorded = json.loads(mark.read_text())
+            ours = (recorded.get("out") == str(self.out)
+                    and recorded.get("settings") == self.recipe_settings())
         except (OSError, ValueError, AttributeError):
             return False
         return not self.overwrite and ours and (out / REPORT_FILE).is_file()
+
+    def recipe_settings(self) -> dict:
+        """What decides the output (not where the work goes, threads or clean-up): a rerun
+        with other settings must not take a finished output of these for its own."""
+        skip = {"out", "work", "threads", "overwrite", "keep_work"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 def run_compress(config: CompressConfig, progress: bool = True) -> dict:
@@ -174,7 +181,8 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
                                     torch.get_num_threads(), f"compress's work in {work}")
     if note:
         say(note)
-    write_json(work / MARK, {"out": str(config.out), "threads": threads})
+    write_json(work / MARK, {"out": str(config.out), "threads": threads,
+                             "settings": config.recipe_settings()})
     with torch_threads(threads):
         return _steps(config, work, say, t0, progress)
 

@@ -220,10 +220,15 @@ def _validate(config: EvalConfig) -> None:
     if config.dtype != "auto" and config.dtype not in models.DTYPES:
         raise UsageError(f"--dtype must be auto or one of {', '.join(models.DTYPES)}, "
                          f"got {config.dtype!r}")
-    if config.model is not None and not Path(config.model).expanduser().exists():
-        hint = models.hub_hint(config.model)
-        raise CoalaError(f"model not found: {config.model} is not a local path; {hint}" if hint
-                         else f"model not found: {config.model} does not exist (give a model "
+    check_model_path(config.model)
+
+
+def check_model_path(model: str | None) -> None:
+    """CoalaError for a MODEL that is not there (None: the embedded default), before loading."""
+    if model is not None and not Path(model).expanduser().exists():
+        hint = models.hub_hint(model)
+        raise CoalaError(f"model not found: {model} is not a local path; {hint}" if hint
+                         else f"model not found: {model} does not exist (give a model "
                               f"directory, a .gguf file, a solve output, or omit MODEL for the "
                               f"embedded SmolLM2)")
 

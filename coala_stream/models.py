@@ -209,7 +209,9 @@ def release_gguf_quantizer(model, what: str):
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is None:
         return model
-    packed = [k for k, t in model.state_dict().items() if not t.is_floating_point()]
+    # weights only: an integer or bool buffer of another name (a causal mask) is no weight
+    packed = [k for k, t in model.state_dict().items()
+              if not t.is_floating_point() and "weight" in k.rsplit(".", 1)[-1]]
     if packed:
         raise CoalaError(f"{what}: transformers kept {len(packed)} weights in packed GGUF "
                          f"blocks (e.g. {packed[0]}), which cannot be hooked or factored; convert "

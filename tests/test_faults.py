@@ -247,12 +247,28 @@ def test_an_interrupt_during_start_up_is_one_line(tiny_model_dir, text_file, tmp
                                    str(tmp_path / "s.zarr"), "--data", str(text_file),
                                    "--samples", "64", "--seq-len", "32"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # past Python's own start-up (no code of ours can act there), into torch's import
+    # past Python's own start-up (no code of ours can act there): the CLI installs its
+    # handlers before it parses, and parsing imports torch, so wait for torch's library
+    if not _torch_loaded(proc):
+        time.sleep(1.5)  # no /proc: the time it takes on an idle machine
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in codes, err
     line = one_line(err)
     assert signal.Signals(sig).name in line and "rerun the same command" in line
+
+
+def _torch_loaded(proc, timeout: float = 60.0) -> bool:
+    """Wait until torch's library is mapped into ``proc`` (False: /proc cannot tell)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                return True
+        except OSError:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_a_signal_while_the_interpreter_shuts_down_keeps_the_command_s_exit_code(tmp_path):
@@ -349,3 +365,21 @@ def test_compress_killed_after_its_output_appeared_finishes_on_rerun(tiny_model_
     assert "nothing to do" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == model
     assert not out.with_name("m.work").exists()  # the clean-up that was left is done
+
+
+def test_a_finished_compress_is_not_taken_for_a_rerun_with_other_settings(tiny_model_dir,
+                                                                           text_file, tmp_path,
+                                                                           capsys):
+    """With --keep-work the work directory's mark outlives the run: a rerun with the same
+    settings finds its output complete, one with another --ratio is refused as an existing
+    output (it must not be handed the first run's model)."""
+    out = tmp_path / "m"
+    argv = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
+            "--seq-len", "32", "--refine-steps", "0", "--keep-work", "--out", str(out),
+            "--threads", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert main([*argv, "--ratio", "0.4"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -131,6 +131,16 @@ def test_packed_weights_are_refused_not_saved():
     net.hf_quantizer = object()
     with pytest.raises(CoalaError, match="1 weights in packed GGUF blocks .*qweight"):
         models.release_gguf_quantizer(net, "x.gguf")
+    # a bool mask buffer (GPT-2's attn.bias) is no packed weight: the quantizer is released
+    masked = torch.nn.Linear(4, 4)
+    masked.register_buffer("bias_mask", torch.ones(4, 4, dtype=torch.bool))
+
+    class Quantizer:
+        def remove_quantization_config(self, model):
+            model.released = True
+
+    masked.hf_quantizer = Quantizer()
+    assert models.release_gguf_quantizer(masked, "x.gguf").released
 
 
 @pytest.fixture(scope="module")

@@ -272,13 +272,19 @@ def test_cli_solve_allocate_loss_end_to_end(store, tmp_path, capsys):
 
 
 def test_compress_allocate_loss_feeds_its_ranks_to_the_propagating_capture(tiny_model_dir,
-                                                                          text_file, tmp_path):
-    from coala_stream.compress import CompressConfig, run_compress
-
-    s = run_compress(CompressConfig(out=str(tmp_path / "c"), model=str(tiny_model_dir()),
-                                    data=str(text_file), samples=6, seq_len=32, ratio=0.3,
-                                    allocate="loss", refine_steps=0, keep_work=True),
-                     progress=False)
+                                                                          text_file, tmp_path,
+                                                                          capsys):
+    # through the CLI: its table reads the final solve's allocation (the applied factors')
+    assert main(["compress", str(tiny_model_dir()), "--out", str(tmp_path / "c"), "--data",
+                 str(text_file), "--samples", "6", "--seq-len", "32", "--ratio", "0.3",
+                 "--allocate", "loss", "--refine-steps", "0", "--keep-work", "--json",
+                 "--quiet", "--threads", "1"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert main(["compress", str(tiny_model_dir()), "--out", str(tmp_path / "c"), "--data",
+                 str(text_file), "--samples", "6", "--seq-len", "32", "--ratio", "0.3",
+                 "--allocate", "loss", "--refine-steps", "0", "--keep-work", "--quiet",
+                 "--threads", "1"]) == 0  # the table of a finished run, no traceback
+    assert "allocation loss" in capsys.readouterr().out
     ranks = json.loads((tmp_path / "c.work" / "ranks.json").read_text())
     assert ranks["allocation"]["allocate"] == "loss" == s["steps"]["allocation"]["allocate"]
     chosen = {r["module"]: r["rank"] for r in ranks["layers"] if not r["kept_dense"]}

@@ -36,7 +36,8 @@ examples:
   coala-stream status calib.zarr
 
 exit codes: 0 ok, 1 error (message says why), 2 bad usage,
-            75 interrupted after saving progress (rerun the same command to resume)
+            75 interrupted after saving progress (rerun the same command to resume),
+            130 / 143 SIGINT / SIGTERM before a stage had anything to save
 """
 
 

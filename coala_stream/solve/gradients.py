@@ -54,7 +54,8 @@ def calibration_ids(store, spec, model_config, data: str | None = None) -> torch
     src = calib.read_data(data, cal.get("field") or "text", bool(cal.get("chat_template")))
     draw = calib.calibration_windows(models.load_tokenizer(spec), src, int(cal["samples"]),
                                      int(cal["seq_len"]), int(cal["seed"]),
-                                     models.max_positions(model_config))
+                                     models.max_positions(model_config),
+                                     bos=cal.get("bos_token_id"))
     if draw.tokens_sha256 != cal["tokens_sha256"]:
         raise CheckpointMismatch(
             f"the calibration windows drawn again from {data} differ from those {store.path} was "

@@ -93,7 +93,7 @@ def format_table(report: dict) -> str:
     if a.get("requested") == "global":
         lines.append(f"global allocation: normalised error {a['global_total_normalised_error']:.4f} "
                      f"vs uniform {a['uniform_total_normalised_error']:.4f} -> kept {a['allocate']}")
-    if a.get("allocate") == "loss":
+    if a.get("allocate") == "loss" and "selection" in a:  # not the applied factors' summary
         lines.append(f"loss allocation ({a['selection']}, terms: {a['loss_terms']}, "
                      f"{a['windows']} windows): predicted loss change {a['predicted_loss_change']:+.4f} "
                      f"vs uniform {a['uniform_predicted_loss_change']:+.4f}; scores in "

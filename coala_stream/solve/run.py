@@ -88,12 +88,9 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     known = capture_factors(store, config, notes)
     if known:
         allocation = _ranks_of(layers, known, config)
-    elif config.allocate == "loss":
-        allocation = _rounded(layers, config, loss_allocation(
-            store, spec, model_config, layers, uniform_ranks(layers, config), config, device,
-            scores_dir_for(config, out), progress, say))
     else:
-        allocation = _choose_ranks(layers, config, source, reader, progress)
+        allocation = _allocate(store, spec, model_config, layers, config, source, reader,
+                               scores_dir_for(config, out), progress, say)
     writer = export.WRITERS[config.format](stage, source, final_dir=out)
     rows = _factor_pass(layers, reader, writer, config, device, progress, known)
     report = build_report(store, spec, config, layers, rows, allocation, notes,
@@ -104,11 +101,17 @@ def _solve_into(stage, out, store, spec, model_config, layers, config, notes, pr
     return report
 
 
-def _choose_ranks(layers, config: SolveConfig, source, reader, progress) -> dict:
-    """Set each ``layer.rank`` (uniform or global, then --rank-multiple's rounding); the
-    allocation summary for the report."""
-    return _rounded(layers, config, choose_ranks(layers, uniform_ranks(layers, config), config,
-                                                 source, reader, progress))
+def _allocate(store, spec, model_config, layers, config: SolveConfig, source, reader,
+              scores: Path, progress, say) -> dict:
+    """Set each ``layer.rank`` (uniform, global or loss, then --rank-multiple's rounding);
+    the allocation summary for the report."""
+    uniform = uniform_ranks(layers, config)
+    if config.allocate == "loss":
+        allocation = loss_allocation(store, spec, model_config, layers, uniform, config,
+                                     reader.device, scores, progress, say)
+    else:
+        allocation = choose_ranks(layers, uniform, config, source, reader, progress)
+    return _rounded(layers, config, allocation)
 
 
 def _rounded(layers, config: SolveConfig, allocation: dict) -> dict:
@@ -131,12 +134,8 @@ def allocate_ranks(store_path, config: SolveConfig, stage: Path, progress: bool 
         try:
             source, _ = open_weights(spec, model_config, Path(stage), say)
             reader = _Reader(store, resolve_device(config.device), config.objective)
-            if config.allocate == "loss":
-                allocation = _rounded(layers, config, loss_allocation(
-                    store, spec, model_config, layers, uniform_ranks(layers, config), config,
-                    reader.device, scores_dir_for(config, stage), progress, say))
-            else:
-                allocation = _choose_ranks(layers, config, source, reader, progress)
+            allocation = _allocate(store, spec, model_config, layers, config, source, reader,
+                                   scores_dir_for(config, stage), progress, say)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     peft = config.format == "peft"

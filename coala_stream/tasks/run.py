@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from .. import calib, models
+from .. import calib
 from ..devices import resolve_device, torch_threads
-from ..errors import CoalaError, UsageError
-from ..evaluate import load_for_eval
+from ..errors import UsageError
+from ..evaluate import check_model_path, load_for_eval
 from . import data, harness
 
 
@@ -96,12 +95,7 @@ def validate(config: TasksConfig) -> None:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
     calib.check_bos_mode(config.bos)
     task_names(config)
-    if config.model is not None and not Path(config.model).expanduser().exists():
-        hint = models.hub_hint(config.model)
-        raise CoalaError(f"model not found: {config.model} is not a local path; {hint}" if hint
-                         else f"model not found: {config.model} does not exist (give a model "
-                              f"directory, a .gguf file, a solve output, or omit MODEL for the "
-                              f"embedded SmolLM2)")
+    check_model_path(config.model)
 
 
 def evaluate_tasks(config: TasksConfig | None = None, progress: bool = True,
