@@ -218,3 +218,19 @@ def test_tasks_take_bos_as_lm_eval_encodes(tiny_model_dir, bos_model_dir):
     assert add_bos(adding, "always") is True
     with pytest.raises(UsageError, match="--bos always with --tasks"):
         add_bos(plain, "always")
+
+
+def test_loss_allocation_draws_a_bos_store_s_windows_again(bos_model_dir, text_file, tmp_path):
+    """solve --allocate loss draws the store's windows again and checks them against its
+    tokens hash: with the BOS the store was captured with, else the hash never matches."""
+    from coala_stream.models import ModelSpec, load_config
+    from coala_stream.solve import gradients
+
+    out = tmp_path / "s.zarr"
+    run_capture(CaptureConfig(out=str(out), model=str(bos_model_dir), data=str(text_file),
+                              **SMALL), progress=False)
+    spec = ModelSpec.from_args(str(bos_model_dir), None)
+    with open_store(out) as s:
+        ids = gradients.calibration_ids(s, spec, load_config(spec))
+    assert ids.shape == (SMALL["samples"], SMALL["seq_len"])
+    assert bool((ids[:, 0] == _tok(bos_model_dir).bos_token_id).all())
