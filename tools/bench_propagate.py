@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import Runner, measured, stage_model  # noqa: E402
+from bench_quality import Runner, measured, stage_model, wiki_calibration  # noqa: E402
 
 WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 
@@ -77,10 +77,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work, args.threads, args.report)
     model = args.model if args.model is not None else stage_model(work, runner)
-    calib = work / "wiki_calib.txt"
-    if not calib.exists():
-        lines = WIKI.read_text(encoding="utf-8").splitlines(keepends=True)
-        calib.write_text("".join(lines[args.calib_from - 1:]), encoding="utf-8")
+    calib = wiki_calibration(work, WIKI, args.calib_from)
     threads = ["--threads", str(args.threads)]
     common = ["--data", str(calib), "--samples", str(args.samples), "--seq-len", "512"]
 

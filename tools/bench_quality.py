@@ -132,6 +132,16 @@ def stage_model(work: Path, runner: Runner) -> Path:
     return target
 
 
+def wiki_calibration(work: Path, wiki: Path, first_line: int) -> Path:
+    """``wiki`` from its line ``first_line`` on, written once to ``WORK/wiki_calib.txt``: the
+    calibration text disjoint from the evaluated windows at the file's start."""
+    calib = work / "wiki_calib.txt"
+    if not calib.exists():
+        lines = wiki.read_text(encoding="utf-8").splitlines(keepends=True)
+        calib.write_text("".join(lines[first_line - 1:]), encoding="utf-8")
+    return calib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("runs/quality"), help="work dir (cache, stores, models)")

@@ -1,0 +1,159 @@
+"""The field's protocol (issue 24): 2048-token WikiText-2 perplexity and seven-task accuracy.
+
+Runs the tool itself (`coala-stream capture | reduce | solve | compress | eval`) as
+subprocesses, one row per configuration, each with its command, wall time and peak RSS
+(the child's own VmHWM), cached in ``WORK/results.jsonl`` so an interrupted run resumes
+and ``--report`` prints the tables from what is there.
+
+Protocol (LowRankArena's, where this machine allows):
+- calibration: WikiText-2 text disjoint from the evaluated windows (``wiki.test.raw``
+  from its line 1500 on), ``--samples`` x ``--seq-len`` tokens (32 x 512 as the earlier
+  tables; ``--calibrations 64x2048`` adds the closest to LowRankArena's 256 x 2048 that
+  this text allows) for the one-shot rows; 32 x 512 for ``compress``;
+- perplexity on the first ``--windows`` (30) non-overlapping windows of 2048 tokens of
+  ``wiki.test.raw`` (and of 512 tokens: the earlier protocol, ``--short-windows``);
+- with ``--tasks``: `coala-stream eval --tasks` (lm-eval) on the seven multiple-choice
+  tasks, the first ``--limit`` documents of each validation split.
+
+Rows: original, SVD-LLM uniform, COALA uniform (plain store), `compress` with its
+defaults, at each of ``--ratios``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quality import Runner, measured, stage_model, wiki_calibration  # noqa: E402
+
+WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+TASKS = "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande"
+ONE_SHOT = {"svdllm": ("SVD-LLM, uniform", ["--method", "svdllm"]),
+            "coala": ("COALA, uniform", [])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("runs/field"))
+    ap.add_argument("--model", type=Path, default=None,
+                    help="HF model directory (default: SmolLM2-135M staged from the embedded GGUF)")
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
+    ap.add_argument("--rows", nargs="+", default=["svdllm", "coala", "compress"],
+                    choices=[*ONE_SHOT, "compress"])
+    ap.add_argument("--calibrations", nargs="+", default=["32x512"],
+                    help="SAMPLESxSEQ_LEN of the one-shot rows' plain stores")
+    ap.add_argument("--calib-from", type=int, default=1500)
+    ap.add_argument("--windows", type=int, default=30)
+    ap.add_argument("--short-windows", action="store_true",
+                    help="also the earlier protocol: the first --windows windows of 512 tokens")
+    ap.add_argument("--tasks", action="store_true", help="also the seven tasks (lm-eval)")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(work, args.threads, args.report)
+    model = args.model if args.model is not None else stage_model(work, runner)
+    calib = wiki_calibration(work, WIKI, args.calib_from)
+    threads = ["--threads", str(args.threads)]
+    rows = [evaluate(runner, args, "original", model, {"label": "original", "ratio": "-",
+                                                        "calibration": "-"})]
+    for ratio in args.ratios:
+        for name in args.rows:
+            if name == "compress":
+                out = work / "models" / f"compress-{ratio}"
+                runner.run(f"build-compress-{ratio}", measured(
+                    "compress", str(model), "--data", str(calib), "--samples", "32", "--seq-len",
+                    "512", "--ratio", str(ratio), "--out", str(out), "--overwrite", "--json",
+                    "--quiet", *threads))
+                rows.append(evaluate(runner, args, f"compress-{ratio}", out, {
+                    "label": "`compress` with its defaults", "ratio": ratio,
+                    "calibration": "32x512", "build": f"build-compress-{ratio}"}))
+                continue
+            for cal in args.calibrations:
+                samples, seq_len = cal.split("x")
+                store = work / f"plain-{cal}.zarr"
+                runner.run(f"capture-{cal}", measured(
+                    "capture", str(model), "--out", str(store), "--data", str(calib),
+                    "--samples", samples, "--seq-len", seq_len, *threads))
+                runner.run(f"reduce-{cal}", measured("reduce", str(store), "--with-gram", *threads))
+                key = f"{name}-{cal}-{ratio}"
+                out = work / "models" / key
+                runner.run(f"build-{key}", measured(
+                    "solve", str(store), "--out", str(out), "--ratio", str(ratio),
+                    *ONE_SHOT[name][1], "--overwrite", "--json", "--quiet", *threads),
+                    json_out=True)
+                rows.append(evaluate(runner, args, key, out, {
+                    "label": ONE_SHOT[name][0], "ratio": ratio, "calibration": cal,
+                    "build": f"build-{key}"}))
+    print(table(rows, runner, args))
+
+
+def evaluate(runner: Runner, args, key: str, target: Path, row: dict) -> dict:
+    """The row's metrics (each eval cached under its own key)."""
+    threads = ["--threads", str(args.threads)]
+    got = runner.run(f"ppl2048-{key}", measured(
+        "eval", str(target), "--data", str(WIKI), "--seq-len", "2048", "--max-windows",
+        str(args.windows), "--json", "--quiet", *threads), json_out=True)
+    row["ppl2048"] = got and got["result"]["ppl"]
+    row["evals"] = [f"ppl2048-{key}"]
+    if args.short_windows:
+        got = runner.run(f"ppl512-{key}", measured(
+            "eval", str(target), "--data", str(WIKI), "--max-windows", str(args.windows),
+            "--json", "--quiet", *threads), json_out=True)
+        row["ppl512"] = got and got["result"]["ppl"]
+        row["evals"].append(f"ppl512-{key}")
+    if args.tasks:
+        got = runner.run(f"tasks-{key}", measured(
+            "eval", str(target), "--tasks", TASKS, "--limit", str(args.limit), "--json",
+            "--quiet", *threads), json_out=True)
+        row["tasks"] = got and got["result"]
+        row["evals"].append(f"tasks-{key}")
+    return row
+
+
+def table(rows: list[dict], runner: Runner, args) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    names = TASKS.split(",")
+    head = ["configuration", "ratio", "calibration", "ppl 30 x 2048"]
+    head += ["ppl 30 x 512"] if args.short_windows else []
+    head += [*names, "avg"] if args.tasks else []
+    head += ["build s", "build peak MiB"]
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) "
+             f"per command, load average at the end {os.getloadavg()[0]:.1f}",
+             "", "| " + " | ".join(head) + " |", "|---" * 3 + "|---:" * (len(head) - 3) + "|"]
+    for r in rows:
+        build = runner.cache.get(r.get("build") or "") or {}
+        cells = [r["label"], fmt(r["ratio"]), r["calibration"], fmt(r.get("ppl2048"))]
+        cells += [fmt(r.get("ppl512"))] if args.short_windows else []
+        if args.tasks:
+            res = r.get("tasks") or {}
+            per = res.get("tasks") or {}
+            cells += [fmt(_score(per.get(t))) for t in names] + [fmt(res.get("average"))]
+        cells += [fmt(build.get("seconds")), fmt(build.get("peak_rss_mib"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Commands:", ""]
+    for key, row in runner.cache.items():
+        lines.append(f"- {key}: `{row['command']}` ({row['seconds']} s, peak "
+                     f"{row.get('peak_rss_mib')} MiB)")
+    return "\n".join(lines)
+
+
+def _score(metrics: dict | None) -> float | None:
+    """acc_norm where the task defines it, else acc (LowRankArena's average)."""
+    if not metrics:
+        return None
+    value = metrics.get("acc_norm", metrics.get("acc"))
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
