@@ -26,6 +26,12 @@ against 95.65 for SVD-LLM and for COALA (uniform ranks, same calibration); 62.27
 and 64.41 with --alpha 0.4 and 0.6 (same refinement), 67.70 without the refinement,
 82.34 with global ranks, 139.16 for COALA with global ranks;
 on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
+--allocate loss (ranks from the calibration loss, ZS-SVD's zero-sum rule) scored
+42.66 against 99.84 for SVD-LLM in a later draw of the same protocol (ratio 0.2,
+docs/benchmarks.md, "The field's protocol on SmolLM2 ..."); it is not the default
+yet: measured on one model at one ratio, and its gradient pass holds the whole
+float32 model and its linears' gradients (6.5 GB peak for SmolLM2), where the
+default recipe runs one block at a time.
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
 
