@@ -27,18 +27,12 @@ from coala_stream.sequential import SequentialConfig, run_sequential
 from coala_stream.store import open_store
 
 from .test_capture import hooked_inputs
+from .test_merge import text_file  # noqa: F401  (the same 40k characters of builtin text)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = dict(samples=4, seq_len=32, chunk_tokens=64)
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(calib.builtin_text()[:40_000], encoding="utf-8")
-    return p
 
 
 @pytest.fixture(scope="module")
