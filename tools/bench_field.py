@@ -16,7 +16,7 @@ Protocol (LowRankArena's, where this machine allows):
   tasks, the first ``--limit`` documents of each validation split.
 
 Rows: original, SVD-LLM uniform, COALA uniform (plain store), `compress` with its
-defaults, at each of ``--ratios``.
+defaults and `compress --allocate loss` (``--rows compress-loss``), at each of ``--ratios``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-r
 TASKS = "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande"
 ONE_SHOT = {"svdllm": ("SVD-LLM, uniform", ["--method", "svdllm"]),
             "coala": ("COALA, uniform", [])}
+COMPRESS = {"compress": ("`compress` with its defaults", []),
+            "compress-loss": ("`compress --allocate loss`", ["--allocate", "loss"])}
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
                     help="HF model directory (default: SmolLM2-135M staged from the embedded GGUF)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4])
     ap.add_argument("--rows", nargs="+", default=["svdllm", "coala", "compress"],
-                    choices=[*ONE_SHOT, "compress"])
+                    choices=[*ONE_SHOT, *COMPRESS])
     ap.add_argument("--calibrations", nargs="+", default=["32x512"],
                     help="SAMPLESxSEQ_LEN of the one-shot rows' plain stores")
     ap.add_argument("--calib-from", type=int, default=1500)
@@ -53,6 +55,9 @@ def main() -> None:
                     help="also the earlier protocol: the first --windows windows of 512 tokens")
     ap.add_argument("--tasks", action="store_true", help="also the seven tasks (lm-eval)")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--task-batch", type=int, default=16,
+                    help="eval --tasks --batch-size (lm-eval's batches: the same scores, fewer "
+                         "small GEMMs; 1.5x less CPU than 1 on SmolLM2)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
@@ -66,15 +71,16 @@ def main() -> None:
                                                         "calibration": "-"})]
     for ratio in args.ratios:
         for name in args.rows:
-            if name == "compress":
-                out = work / "models" / f"compress-{ratio}"
-                runner.run(f"build-compress-{ratio}", measured(
+            if name in COMPRESS:
+                label, extra = COMPRESS[name]
+                out = work / "models" / f"{name}-{ratio}"
+                runner.run(f"build-{name}-{ratio}", measured(
                     "compress", str(model), "--data", str(calib), "--samples", "32", "--seq-len",
-                    "512", "--ratio", str(ratio), "--out", str(out), "--overwrite", "--json",
-                    "--quiet", *threads))
-                rows.append(evaluate(runner, args, f"compress-{ratio}", out, {
-                    "label": "`compress` with its defaults", "ratio": ratio,
-                    "calibration": "32x512", "build": f"build-compress-{ratio}"}))
+                    "512", "--ratio", str(ratio), *extra, "--out", str(out), "--overwrite",
+                    "--json", "--quiet", *threads))
+                rows.append(evaluate(runner, args, f"{name}-{ratio}", out, {
+                    "label": label, "ratio": ratio, "calibration": "32x512",
+                    "build": f"build-{name}-{ratio}"}))
                 continue
             for cal in args.calibrations:
                 samples, seq_len = cal.split("x")
@@ -111,8 +117,8 @@ def evaluate(runner: Runner, args, key: str, target: Path, row: dict) -> dict:
         row["evals"].append(f"ppl512-{key}")
     if args.tasks:
         got = runner.run(f"tasks-{key}", measured(
-            "eval", str(target), "--tasks", TASKS, "--limit", str(args.limit), "--json",
-            "--quiet", *threads), json_out=True)
+            "eval", str(target), "--tasks", TASKS, "--limit", str(args.limit), "--batch-size",
+            str(args.task_batch), "--json", "--quiet", *threads), json_out=True)
         row["tasks"] = got and got["result"]
         row["evals"].append(f"tasks-{key}")
     return row
@@ -126,7 +132,7 @@ def table(rows: list[dict], runner: Runner, args) -> str:
     head = ["configuration", "ratio", "calibration", "ppl 30 x 2048"]
     head += ["ppl 30 x 512"] if args.short_windows else []
     head += [*names, "avg"] if args.tasks else []
-    head += ["build s", "build peak MiB"]
+    head += ["build wall s", "build CPU s", "build peak MiB"]
     lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s) "
              f"per command, load average at the end {os.getloadavg()[0]:.1f}",
              "", "| " + " | ".join(head) + " |", "|---" * 3 + "|---:" * (len(head) - 3) + "|"]
@@ -138,12 +144,12 @@ def table(rows: list[dict], runner: Runner, args) -> str:
             res = r.get("tasks") or {}
             per = res.get("tasks") or {}
             cells += [fmt(_score(per.get(t))) for t in names] + [fmt(res.get("average"))]
-        cells += [fmt(build.get("seconds")), fmt(build.get("peak_rss_mib"))]
+        cells += [fmt(build.get(k)) for k in ("seconds", "cpu_seconds", "peak_rss_mib")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands:", ""]
     for key, row in runner.cache.items():
-        lines.append(f"- {key}: `{row['command']}` ({row['seconds']} s, peak "
-                     f"{row.get('peak_rss_mib')} MiB)")
+        lines.append(f"- {key}: `{row['command']}` ({row['seconds']} s wall, "
+                     f"{row.get('cpu_seconds', '-')} CPU s, peak {row.get('peak_rss_mib')} MiB)")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -81,22 +82,30 @@ class Runner:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         if self.threads:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env)
         out, err = proc.communicate()
         seconds = time.perf_counter() - t0
+        cpu = _children_cpu() - cpu0
         if proc.returncode != 0:
             sys.stderr.write(err[-3000:])
             raise SystemExit(f"{key} failed with exit code {proc.returncode}: {shown}")
         row = {"key": key, "command": shown, "seconds": round(seconds, 1),
-               "peak_rss_mib": _peak_rss_mib(err)}
+               "cpu_seconds": round(cpu, 1), "peak_rss_mib": _peak_rss_mib(err)}
         if json_out:
             row["result"] = json.loads(out)
         self.cache[key] = row
         with self.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the waited-for children: on a shared machine the wall
+    time is an upper bound, this is what the command cost."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mib(stderr: str) -> float | None:
