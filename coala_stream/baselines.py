@@ -109,8 +109,12 @@ def aasvd_factors(
     *,
     dtype: torch.dtype = torch.float32,
     max_damping_tries: int = 8,
+    cols: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AA-SVD from the 2n x 2n Gram matrix of [Xh | X], as its authors compute it.
+
+    ``cols``: ``gram`` is instead that of the narrow pair [Xh | X W_g^T] (`objective`), and
+    W is rows ``cols`` of W_g: W X^T Xh is then read from the Gram matrix directly.
 
     ``gram`` = [Xh | X]^T [Xh | X] holds C = Xh^T Xh (top left) and
     X^T Xh (bottom left). With T = alpha X + (1 - alpha) Xh,
@@ -124,20 +128,29 @@ def aasvd_factors(
     check_matrix("W", W)
     check_matrix("gram", gram)
     n = W.shape[1]
-    if gram.shape != (2 * n, 2 * n):
+    narrow = cols is not None
+    width = gram.shape[0] if narrow else 2 * n
+    if gram.shape != (width, width) or (narrow and not (
+            isinstance(cols, slice) and cols.stop - cols.start == W.shape[0]
+            and n + cols.stop <= width)):
         raise UsageError(
             f"gram: expected the ({2 * n}, {2 * n}) Gram matrix of [Xh | X] for W of "
-            f"{tuple(W.shape)}, got {tuple(gram.shape)}"
+            f"{tuple(W.shape)} (or, with cols, that of [Xh | X W_g^T] holding W's rows), got "
+            f"{tuple(gram.shape)} and cols={cols!r}"
         )
     check_rank(rank, *W.shape)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise UsageError(f"alpha: expected a number in [0, 1], got {alpha!r}")
     G = gram.to(dtype)
     C = G[:n, :n]
-    mixed = alpha * G[n:, :n] + (1.0 - alpha) * C  # T^T Xh
+    Wd = W.to(dtype)
+    if narrow:  # W X^T Xh is the block (X W^T)^T Xh of [Xh | X W_g^T]'s Gram
+        WT = alpha * G[n + cols.start:n + cols.stop, :n] + (1.0 - alpha) * (Wd @ C)
+    else:
+        WT = Wd @ (alpha * G[n:, :n] + (1.0 - alpha) * C)  # W T^T Xh
     S = _damped_cholesky(C, max_damping_tries)
     S_inv_T = torch.linalg.inv(S.T)
-    U, sig, Vh = torch.linalg.svd(W.to(dtype) @ mixed @ S_inv_T, full_matrices=False)
+    U, sig, Vh = torch.linalg.svd(WT @ S_inv_T, full_matrices=False)
     return _split(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv_T.T)
 
 

@@ -82,7 +82,7 @@ class Shard:
     attrs: dict
     index: int
     count: int
-    inputs: list[tuple]  # (name, n, consumers, pair) in store order
+    inputs: list[tuple]  # (name, n, consumers, pair, outputs) in store order
     settings: dict  # input name -> its result's RESULT_SETTINGS values
 
     @property
@@ -120,7 +120,8 @@ def read_shard(store) -> Shard:
             why = f": {state.message}" if state.message else ""
             raise StoreError(f"{path} (shard {index}/{count}): input {name!r} is {state.label} in "
                              f"reduce{why}; run `coala-stream reduce {path}` and merge again")
-        inputs.append((name, info.n, list(info.consumers), bool(getattr(info, "pair", False))))
+        inputs.append((name, info.n, list(info.consumers), bool(getattr(info, "pair", False)),
+                       info.outputs))
         settings[name] = {k: (state.meta.get("settings") or {}).get(k) for k in RESULT_SETTINGS}
     return Shard(path, attrs, index, count, inputs, settings)
 
@@ -253,9 +254,10 @@ def _write_merged(tmp: Path, shards: list[Shard], stores: list) -> dict[str, int
     tokens = {}
     with create_store(tmp, "zarr", _merged_attrs(shards)) as merged:
         Path(merged.reduce_dir).mkdir(parents=True, exist_ok=True)
-        for name, n, consumers, pair in shards[0].inputs:
+        for name, n, consumers, pair, outputs in shards[0].inputs:
             # pair only when set, so this runs with stores that predate pair inputs
-            merged.create_input(name, n, consumers, **({"pair": True} if pair else {}))
+            merged.create_input(name, n, consumers, **({"pair": True} if pair else {}),
+                                **({"outputs": outputs} if outputs is not None else {}))
             tokens[name] = _merge_input(merged, name, stores)
         samples = int(shards[0].attrs["calibration"]["samples"])
         merged.commit(samples, {name: (0, []) for name in tokens}, complete=True)

@@ -31,6 +31,18 @@ computed, and what happens when R11 is singular, is in ``output_factors``.
 
 mu appends the rows sqrt(mu) [I | I] to [Xh | X] (``regularize_pair``, one
 more ``fold_block``): that adds mu ||W - W'||^2 and makes R11 nonsingular.
+
+The narrow pair (issue 25). The solve reads X only through R12 W^T and R22 W^T, so
+when the consumers of an input together have fewer outputs than inputs (a down_proj:
+m = hidden < n = intermediate) the capture folds [Xh | Y] with Y = X W_g^T (W_g the
+consumers' weights stacked, m_g x n) instead: n + m_g columns instead of 2n, a fold
+of about 2 t (n + m_g)^2 flops instead of 2 t (2 n)^2. Its factor is
+[[R11, C12], [0, C22]] with the same R11 (the QR of the first n columns does not see
+the others), C12 = Q1^T Y = R12 W_g^T and ||C22||^2 = ||R22 W_g^T||^2 column by column,
+so a consumer c (rows ``cols`` of W_g) reads C12[:, cols] where the wide pair computes
+R12 W_c^T: the same objective, optimum and exact error (``OutputProblem(...,
+outputs=...)`` with ``cols``). mu appends sqrt(mu) [I | W_c^T] to the consumer's
+columns (the target rows of sqrt(mu) [I | I] times W_c^T).
 """
 
 from __future__ import annotations
@@ -256,6 +268,10 @@ class OutputProblem:
     """The output objective of one input: R_full of [Xh | X], alpha, mu and rtol, validated
     once and prepared once for every layer that reads that input (q/k/v, gate/up).
 
+    ``outputs`` (the consumers' output widths, in the order their rows are stacked in W_g):
+    R_full is instead the factor of the narrow pair [Xh | X W_g^T] (module docstring), and
+    every layer method takes ``cols``, the rows of W_g that are this layer's W.
+
     What depends on the input alone is computed at first use and kept: the regularised
     R11 and R12 in the working dtype (``working``), the choice between the triangular
     solve and R11's SVD with the SVD itself (``_solver``), and the float64 target factor
@@ -265,8 +281,9 @@ class OutputProblem:
     """
 
     def __init__(self, R_full: torch.Tensor, n: int, alpha: float, mu: float = 0.0, *,
-                 rtol: float | None = None):
-        _check_r_full(R_full, n)
+                 rtol: float | None = None, outputs=None):
+        self.outputs = _check_outputs(outputs)
+        _check_r_full(R_full, n, self.outputs)
         self.R_full, self.n = R_full, n
         self.alpha, self.mu = _check_alpha(alpha), check_mu(mu)
         if rtol is not None and (
@@ -277,6 +294,7 @@ class OutputProblem:
         self._working: dict = {}  # (dtype, device) -> (R11, R12)
         self._solvers: dict = {}  # (dtype, device) -> solver (see _solver)
         self._target: dict = {}  # device -> float64 target factor
+        self._narrow: dict = {}  # (dtype, device, cols) -> (R11, C12, C22) of a narrow pair
 
     def working(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R11, R12) of the regularised factor in the working dtype of W (the wider of W's
@@ -285,23 +303,72 @@ class OutputProblem:
                                     torch.float32)
         key = (dtype, W.device)
         if key not in self._working:
+            if self.outputs is not None:  # R11 only: the consumers' columns come per layer
+                self._working[key] = (self._layer(dtype, W.device, None, W)[0], None)
+                return self._working[key]
             R = self.R_full.to(device=W.device, dtype=dtype)
             R = _regularize(R, self.n, self.mu)
             self._working[key] = (R[:self.n, :self.n], R[:self.n, self.n:])
         return self._working[key]
 
-    def svd(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layer(self, dtype, device, cols: slice | None, W: torch.Tensor):
+        """(R11, C12, C22) of a narrow pair for the consumer at rows ``cols`` of W_g (W its
+        weight), regularised: R11 (k1 x n), C12 = R12 W^T (k1 x m), C22 with
+        ||C22||^2 = ||R22 W^T||^2. ``cols`` None: the R11 of the first n columns alone."""
+        key = (dtype, device, None if cols is None else (cols.start, cols.stop))
+        if key not in self._narrow:
+            n = self.n
+            R = self.R_full.to(device=device, dtype=dtype)
+            idx = torch.arange(n, device=device)
+            if cols is not None:
+                idx = torch.cat([idx, torch.arange(n + cols.start, n + cols.stop, device=device)])
+            R = R[:, idx]
+            if self.mu:
+                # the rows sqrt(mu) [I | W^T]: their target rows sqrt(mu) [I | I] times W^T
+                eye = torch.eye(n, dtype=dtype, device=device) * math.sqrt(self.mu)
+                extra = eye if cols is None else torch.cat(
+                    [eye, math.sqrt(self.mu) * W.to(device=device, dtype=dtype).T], dim=1)
+                R = torch.linalg.qr(torch.cat([R, extra]), mode="r").R
+                sign = torch.ones(R.shape[0], dtype=dtype, device=device)
+                sign[:n] = torch.where(torch.diagonal(R[:n, :n]) < 0, -1.0, 1.0)
+                R = R * sign.unsqueeze(1)  # diag(R11) >= 0, as every fold leaves it
+            self._narrow[key] = (R[:n, :n], R[:n, n:], R[n:, n:])
+        return self._narrow[key]
+
+    def _cols(self, W: torch.Tensor, cols) -> slice | None:
+        """``cols`` checked against the form: None for the wide pair, W's rows of W_g for a
+        narrow one."""
+        if self.outputs is None:
+            if cols is not None:
+                raise UsageError("cols: only a narrow pair (outputs=...) has per-layer columns")
+            return None
+        total = sum(self.outputs)
+        if not isinstance(cols, slice) or cols.step not in (None, 1) or cols.start is None \
+                or not 0 <= cols.start < cols.stop <= total:
+            raise UsageError(f"cols: expected a slice of the {total} stacked outputs of the "
+                             f"narrow pair, got {cols!r}")
+        if cols.stop - cols.start != W.shape[0]:
+            raise UsageError(f"W: expected {cols.stop - cols.start} rows (cols {cols.start}:"
+                             f"{cols.stop} of the narrow pair), got shape {tuple(W.shape)}")
+        return cols
+
+    def svd(self, W: torch.Tensor, cols: slice | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, S, V) of ``output_svd``."""
         self._check_w(W)
-        return self._svd(W)
+        return self._svd(W, self._cols(W, cols))
 
-    def _svd(self, W):
+    def _svd(self, W, cols=None):
         R11, R12 = self.working(W)
         W = W.to(R11.dtype)
         if self.alpha == 0.0:
             U, S, Vh = torch.linalg.svd(W @ R11.T, full_matrices=False)
             return U, S, Vh.T
-        G = W @ ((1.0 - self.alpha) * R11 + self.alpha * R12).T
+        if self.outputs is None:
+            G = W @ ((1.0 - self.alpha) * R11 + self.alpha * R12).T
+        else:
+            C12 = self._layer(R11.dtype, R11.device, cols, W)[1]
+            G = (1.0 - self.alpha) * (W @ R11.T) + self.alpha * C12.T
         P1 = self._solver(W)[2]
         if P1 is None:
             U, S, Vh = torch.linalg.svd(G, full_matrices=False)
@@ -309,11 +376,13 @@ class OutputProblem:
         U, S, Vh = torch.linalg.svd(G @ P1, full_matrices=False)
         return U, S, P1 @ Vh.T
 
-    def factors(self, W: torch.Tensor, rank: int, *, return_singular_values: bool = False):
+    def factors(self, W: torch.Tensor, rank: int, *, return_singular_values: bool = False,
+                cols: slice | None = None):
         """(A, B) or (A, B, S) of ``output_factors``."""
         self._check_w(W)
+        cols = self._cols(W, cols)
         check_rank(rank, *W.shape)
-        U, S, _ = self._svd(W)
+        U, S, _ = self._svd(W, cols)
         W = W.to(U.dtype)
         A = U[:, :rank]
         if rank > A.shape[1]:
@@ -321,27 +390,40 @@ class OutputProblem:
         Bt = W.T @ A
         if self.alpha != 0.0:
             shift, pinv, _ = self._solver(W)
-            Bt = Bt + self.alpha * pinv(shift @ Bt)
+            if shift is None:  # narrow pair: (R12 - R11) W^T A = C12 A - R11 W^T A
+                R11, C12, _ = self._layer(A.dtype, A.device, cols, W)
+                Bt = Bt + self.alpha * pinv(C12 @ A - R11 @ Bt)
+            else:
+                Bt = Bt + self.alpha * pinv(shift @ Bt)
         B = Bt.T.contiguous()
         return (A, B, S) if return_singular_values else (A, B)
 
-    def error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float]:
+    def error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+              cols: slice | None = None) -> tuple[float, float]:
         """(``output_error``, ||T W^T||_F^2 + mu ||W||_F^2), both in float64: the products
         R12' W^T and R22' W^T serve both sums."""
         _check_factors(W, A, B)
         self._check_w(W)
-        Rt = self._target64(W.device)
+        cols = self._cols(W, cols)
         n, F64 = self.n, torch.float64
         Wd, Ad, Bd = W.to(F64), A.to(device=W.device, dtype=F64), B.to(device=W.device, dtype=F64)
-        G = Rt[:n, n:] @ Wd.T
-        floor = float(torch.linalg.norm(Rt[n:, n:] @ Wd.T) ** 2)
-        D = G - (Rt[:n, :n] @ Bd.T) @ Ad.T
+        if self.outputs is None:
+            Rt = self._target64(W.device)
+            R11 = Rt[:n, :n]
+            G = Rt[:n, n:] @ Wd.T
+            floor = float(torch.linalg.norm(Rt[n:, n:] @ Wd.T) ** 2)
+        else:
+            R11, C12, C22 = self._layer(F64, W.device, cols, W)
+            G = (1.0 - self.alpha) * (R11 @ Wd.T) + self.alpha * C12
+            floor = self.alpha ** 2 * float(torch.linalg.norm(C22) ** 2)
+        D = G - (R11 @ Bd.T) @ Ad.T
         return (float(torch.linalg.norm(D) ** 2) + floor,
                 float(torch.linalg.norm(G) ** 2) + floor)
 
-    def relative_error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
+    def relative_error(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       cols: slice | None = None) -> float:
         """``relative_output_error``."""
-        err, total = self.error(W, A, B)
+        err, total = self.error(W, A, B, cols)
         return err / total if total > 0 else 0.0
 
     def _check_w(self, W) -> None:
@@ -357,7 +439,7 @@ class OutputProblem:
         return self._target[device]
 
     def _solver(self, W: torch.Tensor):
-        """(R12 - R11, R11^+ as a function, P1): the triangular solve when R11 is clearly
+        """(R12 - R11 (None for a narrow pair), R11^+ as a function, P1): the triangular solve when R11 is clearly
         nonsingular (P1 None), else R11's SVD restricted to its numerical range (P1 its
         left singular vectors). Once per working dtype and device."""
         R11, R12 = self.working(W)
@@ -366,13 +448,14 @@ class OutputProblem:
             rtol = self.rtol
             if rtol is None:
                 rtol = max(R11.shape) * torch.finfo(R11.dtype).eps
+            shift = None if R12 is None else R12 - R11  # narrow: per layer (`factors`)
             if _nonsingular(R11, rtol):
-                self._solvers[key] = (R12 - R11, _triangular_solve(R11), None)
+                self._solvers[key] = (shift, _triangular_solve(R11), None)
             else:
                 P1, sig, Q1h = torch.linalg.svd(R11, full_matrices=False)
                 keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
                 p = int(keep.sum())
-                self._solvers[key] = (R12 - R11, _range_solve(P1[:, :p], sig[:p], Q1h[:p].T),
+                self._solvers[key] = (shift, _range_solve(P1[:, :p], sig[:p], Q1h[:p].T),
                                       P1[:, :p])
         return self._solvers[key]
 
@@ -442,11 +525,16 @@ def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
     return math.isfinite(inv_norm) and smax * inv_norm < limit
 
 
-def _check_r_full(R_full, n) -> None:
+def _check_r_full(R_full, n, outputs: tuple[int, ...] | None = None) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UsageError(f"n: expected a positive int (the input features of W), got {n!r}")
     check_matrix("R_full", R_full)
-    if R_full.shape[1] != 2 * n:
+    if outputs is not None:
+        if R_full.shape[1] != n + sum(outputs):
+            raise UsageError(
+                f"R_full: expected n + sum(outputs) = {n + sum(outputs)} columns (the factor "
+                f"of the narrow pair [Xh | X W_g^T] for n = {n}), got shape {tuple(R_full.shape)}")
+    elif R_full.shape[1] != 2 * n:
         raise UsageError(
             f"R_full: expected 2n = {2 * n} columns (the factor of [Xh | X] for n = {n} "
             f"input features), got shape {tuple(R_full.shape)}"
@@ -456,6 +544,19 @@ def _check_r_full(R_full, n) -> None:
             "R_full: expected an upper-trapezoidal factor (the R of a QR of [Xh | X], e.g. "
             "fold_r of its rows); found nonzero entries below the diagonal"
         )
+
+
+def _check_outputs(outputs) -> tuple[int, ...] | None:
+    if outputs is None:
+        return None
+    try:
+        got = tuple(outputs)
+    except TypeError:
+        got = None
+    if not got or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in got):
+        raise UsageError(f"outputs: expected None or positive ints (the consumers' output "
+                         f"widths), got {outputs!r}")
+    return got
 
 
 def _check_alpha(alpha) -> float:

@@ -89,6 +89,7 @@ def _input_status(store, name: str) -> dict:
         "consumers": info.consumers,
         "n": info.n,
         "pair": info.pair,
+        **({"pair_outputs": list(info.outputs)} if info.outputs is not None else {}),
         "dropped_chunks": info.dropped,
         "tokens": info.tokens,
         "chunks": info.num_chunks,

@@ -14,7 +14,7 @@ import torch
 from coala_stream import applied, sequential
 from coala_stream.cli import main
 from coala_stream.errors import StoreError
-from coala_stream.objective import output_factors
+from coala_stream.objective import OutputProblem, output_factors
 from coala_stream.reduce import read_result
 from coala_stream.sequential import SequentialConfig
 from coala_stream.sequential import run as run_capture
@@ -146,23 +146,38 @@ def test_output_objective_stores_both_streams_and_fits_the_original_outputs(made
     dense = tmp_path / "dense.zarr"
     run_capture(config(tmp_path / "d", dense, text_file), progress=False)
     compressed = _stored(dense)
+    from safetensors.torch import load_file
+    weights = load_file(Path(model_dir) / "model.safetensors")
+    narrow = 0
     with open_store(out) as st:
         for name in st.inputs:
             info = st.input(name)
-            assert info.pair and info.n == 2 * info.features
             Xh, X = stored[name][:, :info.features], stored[name][:, info.features:]
-            assert _rel(original[name], X) <= 1e-5, name  # the original model's inputs
             assert _rel(compressed[name], Xh) <= 1e-5, name  # the compressed model's
+            if info.outputs is None:
+                assert info.pair and info.n == 2 * info.features
+                assert _rel(original[name], X) <= 1e-5, name  # the original model's inputs
+                continue
+            # a narrow pair: the original model's inputs times the original weights
+            narrow += 1
+            assert name.endswith("down_proj"), name  # 64 outputs of 160 inputs; the rest are wider
+            Wg = torch.cat([weights[f"{c}.weight"] for c in info.consumers])
+            assert info.pair and info.n == info.features + Wg.shape[0] < 2 * info.features
+            assert _rel(original[name] @ Wg.T.to(original[name].dtype), X) <= 1e-5, name
+    assert narrow == len([n for n in stored if n.endswith("down_proj")]) > 0
     # the applied factors are the output objective's optimum for the stored R
     factors = _factors(out)
     with open_store(out) as st:
-        from safetensors.torch import load_file
-        weights = load_file(Path(model_dir) / "model.safetensors")
         for name, (A, B) in factors.items():
             info = st.input(next(n for n in st.inputs if name in st.input(n).consumers))
             R = read_result(st, info.name).R
             W = weights[f"{name}.weight"]
-            A2, B2 = output_factors(W, R, A.shape[1], 0.5)
+            if info.outputs is None:
+                A2, B2 = output_factors(W, R, A.shape[1], 0.5)
+            else:
+                outputs, cols = info.narrow(name)
+                A2, B2 = OutputProblem(R, W.shape[1], 0.5, outputs=outputs).factors(
+                    W, A.shape[1], cols=cols)
             if info.tokens % st.chunk_tokens == 0:  # no pending chunk: R is what was solved with
                 assert torch.allclose(A @ B, A2 @ B2, atol=1e-5), name
     report = run_solve(out, SolveConfig(out=str(tmp_path / "f"), ratio=0.3), progress=False)
@@ -178,7 +193,6 @@ def test_output_factors_beat_the_input_objective_on_the_output_objective(made):
     from safetensors.torch import load_file
 
     from coala_stream.linalg import coala_factors
-    from coala_stream.objective import relative_output_error
 
     model_dir, out, _ = made(**OUTPUT, samples=12)
     weights = load_file(Path(model_dir) / "model.safetensors")
@@ -189,8 +203,10 @@ def test_output_factors_beat_the_input_objective_on_the_output_objective(made):
             R, n = read_result(st, info.name).R.double(), info.features
             W = weights[f"{name}.weight"].double()
             Ai, Bi = coala_factors(W, R[:n, :n], A.shape[1])
-            e_out = relative_output_error(W, A.double(), B.double(), R, 0.5)
-            e_in = relative_output_error(W, Ai, Bi, R, 0.5)
+            outputs, cols = info.narrow(name) or (None, None)
+            problem = OutputProblem(R, n, 0.5, outputs=outputs)
+            e_out = problem.relative_error(W, A.double(), B.double(), cols)
+            e_in = problem.relative_error(W, Ai, Bi, cols)
             assert e_out <= e_in * (1 + 1e-4), (name, e_out, e_in)
             better += e_out < e_in * 0.999
     assert better >= 15  # strictly better almost everywhere, not just equal
@@ -485,3 +501,29 @@ def test_status_shows_the_propagation_and_pair_inputs(made, capsys):
     text = capsys.readouterr().out
     assert "propagate   coala, ratio 0.3, objective output alpha 0.5" in text
     assert "factors of 3 blocks" in text and " 64x2 " in text
+
+
+def test_narrow_pairs_only_where_they_are_narrower_and_never_in_a_wide_store(tmp_path):
+    """`pair_outputs`: a group whose consumers have fewer outputs than inputs is folded narrow
+    (--method coala only); an input a store already holds as the wide pair (a store begun
+    before narrow pairs, resumed) stays wide, so the resumed run folds what it began with."""
+    from types import SimpleNamespace
+
+    from coala_stream.sequential.propagate import pair_outputs
+    from coala_stream.store import create_store
+
+    def group(name, n, outs):
+        mods = {f"{name}.{i}": SimpleNamespace(out_features=m) for i, m in enumerate(outs)}
+        return SimpleNamespace(name=name, n=n, consumers=list(mods)), SimpleNamespace(mods=mods)
+
+    coala, aasvd = {"method": "coala"}, {"method": "aasvd"}
+    attrs = {"dtype": "float32", "chunk_tokens": 8, "model": {"name_or_path": "x"},
+             "calibration": {"samples": 1, "seq_len": 8}}
+    with create_store(tmp_path / "s.zarr", "zarr", attrs) as store:
+        down, bw = group("down", 16, [6])
+        assert pair_outputs(down, bw, store, coala) == [6]
+        assert pair_outputs(down, bw, store, aasvd) is None
+        assert pair_outputs(*group("qkv", 16, [16, 4, 4]), store, coala) is None  # 24 >= 16
+        assert pair_outputs(*group("o", 16, [16]), store, coala) is None  # not narrower
+        store.create_input("down", 32, down.consumers, pair=True)  # begun wide
+        assert pair_outputs(down, bw, store, coala) is None

@@ -221,6 +221,9 @@ class IdentityR:
         return ReducedInput(name=name, R=torch.eye(8), abs_sum=torch.ones(8, dtype=torch.float64), gram=None,
                             tokens=8, complete=True, meta={})
 
+    def narrow(self, layer):  # a plain store: no narrow pairs
+        return None
+
 
 def choose(spectra):
     layers = [Layer(name=f"l{i}", input=f"l{i}", m=8, n=8) for i in range(len(spectra))]

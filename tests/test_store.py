@@ -832,3 +832,32 @@ def test_capture_writer_per_commit_work_does_not_grow(tmp_path, backend, monkeyp
     # as many digits (13 / 97 samples, 104 / 776 tokens), chunks 13 and 97 at the same place
     # in their shards (arrays grow a shard of 4 chunks at a time)
     assert len(sets) == 99 and sets[13] == sets[97]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_narrow_pair_input_is_recorded_and_checked(tmp_path, backend, capsys):
+    """A narrow pair [Xh | X W_g^T] (issue 25) keeps its consumers' output widths; creating it
+    again alike is a no-op, otherwise (another pairing, bad widths) one-line errors."""
+    path = store_path(tmp_path, backend)
+    up = "model.layers.0.mlp.up_proj"
+    gate = "model.layers.0.mlp.gate_proj"
+    down = "model.layers.0.mlp.down_proj"
+    with new_store(path, backend) as s:
+        info = s.create_input(down, N + 6, [down], outputs=[6])
+        assert info.pair and info.outputs == (6,) and info.features == N
+        assert s.create_input(down, N + 6, [down], outputs=[6]) == info
+        with pytest.raises(StoreError, match="outputs=\\(6,\\).*outputs=None"):
+            s.create_input(down, N + 6, [down], pair=True)
+        with pytest.raises(UsageError, match="one positive output width per consumer"):
+            s.create_input(up, N + 4, [up, gate], outputs=[4])
+        with pytest.raises(UsageError, match="together below n"):
+            s.create_input(up, 8, [up, gate], outputs=[4, 4])
+        two = s.create_input(up, N + 7, [up, gate], outputs=[4, 3])
+        assert two.narrow(gate) == ((4, 3), slice(4, 7)) and two.narrow(up)[1] == slice(0, 4)
+    r = open_store(path)
+    assert r.input(down).outputs == (6,) and r.input(up).features == N
+    st = store_status(r)
+    assert [i.get("pair_outputs") for i in st["inputs"]] == [[6], [4, 3]]
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{N}+6" in out and f"{N}+7" in out

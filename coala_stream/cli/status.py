@@ -61,11 +61,19 @@ def render(s: dict) -> str:
         "",
     ]
     rows = [("input", "read by", "n", "tokens", "chunks", "on disk", "reduce")]
-    rows += [(i["name"], _consumers(i), f"{i['n'] // 2}x2" if i.get("pair") else str(i["n"]),
+    rows += [(i["name"], _consumers(i), _width(i),
               str(i["tokens"]), str(i["chunks"])
               + (f" ({i['dropped_chunks']} dropped)" if i.get("dropped_chunks") else ""),
               _mb(i["stored_bytes"]), _reduce_line(i["reduce"])) for i in s["inputs"]]
     return "\n".join(lines + _table(rows))
+
+
+def _width(i: dict) -> str:
+    """n; a pair's as features x 2, a narrow pair's as features + outputs."""
+    if i.get("pair_outputs"):
+        outputs = sum(i["pair_outputs"])
+        return f"{i['n'] - outputs}+{outputs}"
+    return f"{i['n'] // 2}x2" if i.get("pair") else str(i["n"])
 
 
 def _capture_line(cap: dict) -> str:

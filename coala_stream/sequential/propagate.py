@@ -7,8 +7,11 @@ down for a Llama block), taken in the order the forward reaches them. For each g
    input, on the compressed model's hidden states, with the groups before it already
    compressed: the rows Xh. With ``--objective output`` the same samples also go
    through the original block k on the original model's hidden states (X), and the
-   store gets the rows [Xh | X] (a pair input). Chunked, checksummed and committed as
-   any capture (resume per chunk); the last, partial chunk waits in ``pending/``;
+   store gets the rows [Xh | X] (a pair input), or [Xh | X W_g^T] when the group's
+   consumers together have fewer outputs than inputs (a narrow pair: a down_proj's fold
+   is (n + m)^2 instead of (2n)^2 wide; `objective`'s docstring). Chunked, checksummed
+   and committed as any capture (resume per chunk); the last, partial chunk waits in
+   ``pending/``;
 2. *reduce* (`reduce_inputs`): reduce's own driver on that input (it holds the reduce
    lock; resumable), the pending chunk folded on top in memory (`reduced_input`);
 3. *solve*: `solve.factor_layers` (the code of ``coala-stream solve``) with the
@@ -144,8 +147,28 @@ def _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say) -> 
     by_name = {g.name: g for g in groups}
     ordered = [by_name[name] for name in fire_order]
     for g in ordered:
-        store.create_input(g.name, 2 * g.n if pair else g.n, g.consumers, pair=pair)
+        outputs = pair_outputs(g, bw, store, settings) if pair else None
+        if outputs is not None:
+            store.create_input(g.name, g.n + sum(outputs), g.consumers, outputs=outputs)
+        else:
+            store.create_input(g.name, 2 * g.n if pair else g.n, g.consumers, pair=pair)
     return ordered
+
+
+def pair_outputs(g: InputGroup, bw: BlockWeights, store, settings: dict) -> list[int] | None:
+    """The consumers' output widths when group ``g``'s pair is folded narrow ([Xh | X W_g^T]),
+    else None: only for --method coala (aasvd is run as its authors run it, on the Gram
+    matrix of [Xh | X], although it can solve a narrow pair), only when the outputs
+    together are fewer than the inputs, and never for an input a store begun before narrow
+    pairs already holds wide (so such a store resumes as it began)."""
+    if settings.get("method", "coala") != "coala":
+        return None
+    outputs = [bw.mods[c].out_features for c in g.consumers]
+    if sum(outputs) >= g.n:
+        return None
+    if g.name in store.inputs and store.input(g.name).outputs is None:
+        return None
+    return outputs
 
 
 def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, say,
@@ -283,13 +306,16 @@ def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, r
                          dtype.itemsize, 1)
     module = bw.mods[g.name]
     done_chunks = cap_start // per_chunk
+    # a narrow pair's target: the original outputs X W_g^T (no bias: the objective is W's)
+    Wg = None if info.outputs is None else torch.cat([bw.original[c].detach()
+                                                      for c in g.consumers]).T
     try:
         with torch.no_grad():
             for s in range(cap_start, samples, B):
                 rows = input_at(bm, k, work.read(src, s, s + B).to(bm.device), module)
                 if pair:
                     x = _original_input(bm, k, g, work, osrc, s, B, bw, kept)
-                    rows = torch.cat([rows, x], dim=-1)
+                    rows = torch.cat([rows, x if Wg is None else x @ Wg.to(x.dtype)], dim=-1)
                 for index, chunk in buffer.add(rows.reshape(-1, info.n)):
                     writer.put(("chunk", g.name, index, chunk))
                 if signals.requested():
@@ -339,8 +365,10 @@ def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw:
         return bw.original[consumer].detach()  # loaded whole (GGUF): as the model holds it
 
     device = resolve_device(str(plan.device))
+    info = store.input(g.name)
     factors = factor_layers(layers, weight, lambda n: reduced_input(store, work, n, device),
-                            cfg, plan.device, settings.get("ranks"), with_error=False)
+                            cfg, plan.device, settings.get("ranks"), with_error=False,
+                            narrow=lambda layer: info.narrow(layer.name))
     return {c: (res["A"], res["B"]) for c, res in factors.items()}
 
 

@@ -96,7 +96,8 @@ def choose_ranks(layers, uniform, config, source, reader, progress) -> dict:
 
     for layer in track(layers, "solve: spectra", "layer", enabled=progress):
         W = source.get(f"{layer.name}.weight").to(reader.device)
-        layer.spectrum = layer_spectrum(W, reader.get(layer.input), config).cpu()
+        layer.spectrum = layer_spectrum(W, reader.get(layer.input), config,
+                                        reader.narrow(layer)).cpu()
     spectra = [layer.spectrum for layer in layers]
     peft = config.format == "peft"
     # keeping a layer dense is what uniform does when its rank saves nothing; count it so

@@ -47,7 +47,7 @@ class Layer:
 
 def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
                 spectrum: torch.Tensor | None = None, *, problems: dict | None = None,
-                with_error: bool = True) -> dict:
+                with_error: bool = True, narrow: tuple | None = None) -> dict:
     """Factors of one layer: {"A", "B", "rel_error", "mu", "spectrum", "note", ...}.
 
     ``reduced`` is the store's ReducedInput (R, abs_sum, gram, tokens); for the output
@@ -61,48 +61,59 @@ def solve_layer(W: torch.Tensor, reduced, rank: int, config: SolveConfig,
     ``problems``: a dict the caller keeps per input (empty at first) in which the output
     objective's per-input work (`objective.OutputProblem`: checks, R11's conditioning, the
     float64 target) is kept for the next layer reading the same input.
+
+    ``narrow``: (outputs, cols) when the pair is the narrow [Xh | X W_g^T]
+    (`InputInfo.narrow`, `objective.OutputProblem`), None for [Xh | X].
     """
     out: dict = {"mu": 0.0, "note": "", "spectrum": spectrum}
     output = config.objective == "output"
     if output:
         A, B = OUTPUT_FACTORIZERS[config.method](W, reduced, rank, config, out,
-                                                 {} if problems is None else problems)
+                                                 {} if problems is None else problems, narrow)
     else:
         A, B = FACTORIZERS[config.method](W, reduced, rank, config, out)
     spectrum = out["spectrum"]
     if config.format == "peft":
         A, B = balance_factors(A, B)  # LoRA trains best with sqrt(S) on each side, as PiSSA's
-    err = _rel_error(W, A, B, reduced.R, config, out["mu"], problems) if with_error else None
+    err = (_rel_error(W, A, B, reduced.R, config, out["mu"], problems, narrow)
+           if with_error else None)
     out.update(A=A, B=B, rel_error=err, spectrum=spectrum)
     return out
 
 
-def _rel_error(W, A, B, R, config, mu, problems) -> float:
+def _rel_error(W, A, B, R, config, mu, problems, narrow=None) -> float:
     if config.objective == "output":
-        problem = output_problem(R, W.shape[1], config.alpha, mu, problems)
-        return problem.relative_error(W, A, B) ** 0.5
+        problem = output_problem(R, W.shape[1], config.alpha, mu, problems, narrow)
+        return problem.relative_error(W, A, B, *_cols(narrow)) ** 0.5
     return relative_error(W, A, B, R)
 
 
 def output_problem(R: torch.Tensor, n: int, alpha: float, mu: float,
-                   problems: dict | None) -> OutputProblem:
+                   problems: dict | None, narrow: tuple | None = None) -> OutputProblem:
     """The `OutputProblem` of (R, alpha, mu), from ``problems`` (kept per input) when there."""
+    outputs = None if narrow is None else narrow[0]
     if problems is None:
-        return OutputProblem(R, n, alpha, mu)
+        return OutputProblem(R, n, alpha, mu, outputs=outputs)
     key = (float(alpha), float(mu))
     if key not in problems:
-        problems[key] = OutputProblem(R, n, alpha, mu)
+        problems[key] = OutputProblem(R, n, alpha, mu, outputs=outputs)
     return problems[key]
 
 
+def _cols(narrow: tuple | None) -> tuple:
+    """The ``cols`` argument of `OutputProblem`'s layer methods: () for the wide pair."""
+    return () if narrow is None else (narrow[1],)
+
+
 def known_factors(W: torch.Tensor, reduced, A: torch.Tensor, B: torch.Tensor,
-                  config: SolveConfig, note: str, problems: dict | None = None) -> dict:
+                  config: SolveConfig, note: str, problems: dict | None = None,
+                  narrow: tuple | None = None) -> dict:
     """`solve_layer`'s result for factors computed elsewhere (a propagating capture's, possibly
     refined): the same relative error and mu; no spectrum (the factors need not be optimal)."""
     n = W.shape[1]
     A, B = A.to(W.device), B.to(W.device)
     mu = absolute_mu(config, reduced.R[:n, :n]) if config.method == "coala" else 0.0
-    err = _rel_error(W, A, B, reduced.R, config, mu, problems)
+    err = _rel_error(W, A, B, reduced.R, config, mu, problems, narrow)
     if config.format == "peft":
         A, B = balance_factors(A, B)
     return {"A": A, "B": B, "rel_error": err, "mu": mu, "spectrum": None, "note": note}
@@ -190,33 +201,38 @@ def relative_error(W, A, B, R) -> float:
     return float(torch.linalg.norm((Wd - A.to(dtype) @ B.to(dtype)) @ Rd.T) / total)
 
 
-def _coala_output(W, reduced, rank, config, out, problems):
+def _coala_output(W, reduced, rank, config, out, problems, narrow=None):
     """The output objective, Gram-free (`objective.output_factors`): one SVD of W R12'^T."""
     n = W.shape[1]
     mu = absolute_mu(config, reduced.R[:n, :n])
+    cols = _cols(narrow)
     if config.adaptive_mu:
         if out["spectrum"] is None:
-            out["spectrum"] = output_problem(reduced.R, n, config.alpha, 0.0, problems).svd(W)[1]
+            out["spectrum"] = output_problem(reduced.R, n, config.alpha, 0.0, problems,
+                                             narrow).svd(W, *cols)[1]
         mu *= normalised_tail(out["spectrum"], rank)
-    problem = output_problem(reduced.R, n, config.alpha, mu, problems)
-    A, B, S = problem.factors(W, rank, return_singular_values=True)
+    problem = output_problem(reduced.R, n, config.alpha, mu, problems, narrow)
+    A, B, S = problem.factors(W, rank, return_singular_values=True, cols=cols[0] if cols else None)
     if out["spectrum"] is None and mu == 0:
         out["spectrum"] = S
     out["mu"] = mu
     return A, B
 
 
-def _aasvd(W, reduced, rank, config, out, problems):
+def _aasvd(W, reduced, rank, config, out, problems, narrow=None):
     """AA-SVD as its authors compute it: float32 Gram blocks of [Xh | X], Cholesky, inverse."""
+    cols = None if narrow is None else narrow[1]
     return _through_gram("aasvd", W, reduced, out,
-                         lambda gram: aasvd_factors(W, gram, rank, config.alpha))
+                         lambda gram: aasvd_factors(W, gram, rank, config.alpha, cols=cols))
 
 
-def layer_spectrum(W: torch.Tensor, reduced, config: SolveConfig) -> torch.Tensor:
+def layer_spectrum(W: torch.Tensor, reduced, config: SolveConfig,
+                   narrow: tuple | None = None) -> torch.Tensor:
     """Singular values whose tail is the exact error of every rank (mu = 0), for allocation:
     of W R^T (input objective), of W R12'^T (output objective, `objective.output_svd`)."""
     if config.objective == "output":
-        return OutputProblem(reduced.R, W.shape[1], config.alpha).svd(W)[1]
+        return OutputProblem(reduced.R, W.shape[1], config.alpha,
+                             outputs=None if narrow is None else narrow[0]).svd(W, *_cols(narrow))[1]
     return coala_svd(W, reduced.R)[1]
 
 
@@ -224,7 +240,8 @@ def layer_spectrum(W: torch.Tensor, reduced, config: SolveConfig) -> torch.Tenso
 # "mu", "note", "spectrum", "gram_source" to ``out`` (the report's row)
 FACTORIZERS = {"coala": _coala, "svd": _svd, "svdllm": _svdllm, "asvd": _asvd}
 # ... for the output objective (reduced is the pair's: R of [Xh | X]); they also take the
-# caller's per-input dict of `OutputProblem`s (see `solve_layer`)
+# caller's per-input dict of `OutputProblem`s and the narrow pair's (outputs, cols) (see
+# `solve_layer`)
 OUTPUT_FACTORIZERS = {"coala": _coala_output, "aasvd": _aasvd}
 
 

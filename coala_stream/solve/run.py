@@ -330,7 +330,12 @@ class _Reader:
             self.name, self.value, self.cond = name, reduced, self._conds[name]
         return self.value
 
-
+    def narrow(self, layer: Layer) -> tuple | None:
+        """``layer``'s (outputs, cols) when its input is a narrow pair and the objective reads
+        it whole (`InputInfo.narrow`), else None."""
+        if self.objective != "output":
+            return None
+        return self.store.input(layer.input).narrow(layer.name)
 
 
 def view_for(info, reduced, objective: str):
@@ -342,7 +347,7 @@ def view_for(info, reduced, objective: str):
 
 def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
                   device: torch.device, ranks: dict[str, int] | None = None, *,
-                  with_error: bool = True) -> dict[str, dict]:
+                  with_error: bool = True, narrow=None) -> dict[str, dict]:
     """The factors `run_solve` computes for ``layers`` with uniform ranks, outside a solve run
     (``capture --sequential --propagate`` compresses each block with it as it goes).
 
@@ -353,7 +358,8 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
     W and R go to ``device`` as in `run_solve`, so the same inputs give the same factors.
     ``ranks`` ({module: rank}, e.g. a global allocation made beforehand) replaces the uniform
     ranks; a layer it does not name stays dense. ``with_error=False``: no relative error
-    (`solve_layer`), for a caller that keeps only the factors.
+    (`solve_layer`), for a caller that keeps only the factors. ``narrow(layer)``: the layer's
+    (outputs, cols) when its input is a narrow pair (`InputInfo.narrow`); None: none is.
     """
     peft = config.format == "peft"
     if ranks is None:
@@ -376,7 +382,8 @@ def factor_layers(layers: list[Layer], weight, reduced, config: SolveConfig,
         out[layer.name] = solve_layer(weight(layer.name).to(device), cache[layer.input],
                                       layer.rank, config,
                                       problems=problems.setdefault(layer.input, {}),
-                                      with_error=with_error)
+                                      with_error=with_error,
+                                      narrow=None if narrow is None else narrow(layer))
     return out
 
 
@@ -398,10 +405,12 @@ def _factor_pass(layers, reader, writer, config, device, progress, known=None) -
             if known:
                 A, B = known[name]
                 res = known_factors(W.to(device), reader.get(layer.input), A, B, config,
-                                    "applied by the propagating capture", reader.problems)
+                                    "applied by the propagating capture", reader.problems,
+                                    reader.narrow(layer))
             else:
                 res = solve_layer(W.to(device), reader.get(layer.input), layer.rank, config,
-                                  layer.spectrum, problems=reader.problems)
+                                  layer.spectrum, problems=reader.problems,
+                                  narrow=reader.narrow(layer))
             rows[name] = layer_row(layer, res, reader.cond, peft)
             bar.update()
             return res["A"].cpu(), res["B"].cpu()

@@ -173,6 +173,7 @@ class Store(CommitProtocol, ABC):
             num_chunks=len(crcs),
             chunk_crc32=crcs,
             pair=bool(a.get("pair", False)),
+            outputs=None if a.get("pair_outputs") is None else tuple(a["pair_outputs"]),
             dropped=int(a.get("dropped_chunks", 0)),
         )
         if self.writable:
@@ -251,25 +252,35 @@ class Store(CommitProtocol, ABC):
 
     @deferring
     def create_input(self, name: str, n: int, consumers: Sequence[str],
-                     pair: bool = False) -> InputInfo:
+                     pair: bool = False, outputs: Sequence[int] | None = None) -> InputInfo:
         """Add an empty (0 x n) input read by `consumers`; returns it unchanged if it exists alike.
 
         ``pair``: the rows are [Xh | X] (n = 2 x the consumers' input features), see
-        `InputInfo.pair`. Idempotent so that a resumed capture can call it again; StoreError
-        if an input of that name exists with another n, consumers or pairing.
+        `InputInfo.pair`; with ``outputs`` (the consumers' output widths) a narrow pair
+        [Xh | X W_g^T] (n = features + sum(outputs), `InputInfo.outputs`). Idempotent so that
+        a resumed capture can call it again; StoreError if an input of that name exists with
+        another n, consumers or pairing.
         """
         self._need_writable("create_input")
         consumers = [str(c) for c in consumers]
         if not name or "/" in name or name.startswith("__") or name in (".", ".."):
             raise UsageError(f"input name {name!r} is not usable as a store node: use the module path")
-        if pair and n % 2:
+        outputs = None if outputs is None else tuple(int(m) for m in outputs)
+        if outputs is not None:
+            pair = True
+            if len(outputs) != len(consumers) or min(outputs) < 1 or sum(outputs) >= n:
+                raise UsageError(f"input {name!r}: a narrow pair needs one positive output width "
+                                 f"per consumer, together below n={n}; got {list(outputs)}")
+        elif pair and n % 2:
             raise UsageError(f"input {name!r}: a pair input holds [Xh | X], so n must be even, got {n}")
         if name in self._input_names():
             info = self.input(name)
-            if info.n != n or info.consumers != consumers or info.pair != bool(pair):
+            if (info.n != n or info.consumers != consumers or info.pair != bool(pair)
+                    or info.outputs != outputs):
                 raise StoreError(
                     f"input {name!r} exists with n={info.n}, consumers={info.consumers}, "
-                    f"pair={info.pair}; asked for n={n}, consumers={consumers}, pair={bool(pair)}: "
+                    f"pair={info.pair}, outputs={info.outputs}; asked for n={n}, "
+                    f"consumers={consumers}, pair={bool(pair)}, outputs={outputs}: "
                     "the store was captured from another model or "
                     "settings; capture again with --overwrite"
                 )
@@ -278,6 +289,7 @@ class Store(CommitProtocol, ABC):
         self._new_array(name, int(n), {
             "consumers": consumers, "logical_dtype": dtype, "order": len(self._input_names()),
             "committed_tokens": 0, **({"pair": True} if pair else {}),
+            **({"pair_outputs": list(outputs)} if outputs is not None else {}),
         })
         return self.input(name)
 

@@ -99,13 +99,28 @@ class InputInfo:
     # A pair input (issue 17's output objective) stores [Xh | X] side by side: the layer's
     # inputs in the compressed model, then the same tokens' inputs in the original model.
     pair: bool = False
+    # A narrow pair (issue 25) stores [Xh | X W_g^T] instead: W_g the consumers' original
+    # weights stacked in consumer order; these are their output widths (None: [Xh | X]).
+    outputs: tuple[int, ...] | None = None
     # chunks [0, dropped) were deleted after reduce had folded them (capture --drop-activations)
     dropped: int = 0
 
     @property
     def features(self) -> int:
-        """Input features of the consumers (n, or n / 2 for a pair input)."""
+        """Input features of the consumers (n; n / 2 for a pair input, n - sum(outputs) for a
+        narrow one)."""
+        if self.outputs is not None:
+            return self.n - sum(self.outputs)
         return self.n // 2 if self.pair else self.n
+
+    def narrow(self, consumer: str) -> tuple[tuple[int, ...], slice] | None:
+        """(outputs, the columns of ``consumer``'s outputs among them) for a narrow pair, as
+        `objective.OutputProblem` takes them; None for any other input."""
+        if self.outputs is None:
+            return None
+        i = self.consumers.index(consumer)
+        start = sum(self.outputs[:i])
+        return self.outputs, slice(start, start + self.outputs[i])
 
     def chunk_rows(self, i: int) -> tuple[int, int]:
         """Row range [start, stop) of committed chunk i."""
