@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--forward-repeats", type=int, default=3)
     ap.add_argument("--label", default="", help="a name for this measurement in the output")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="write the compressed model here (kept, to evaluate) instead of a "
+                         "temporary directory")
     ap.add_argument("--results", type=Path, default=None, help="append the result (JSON line)")
     args = ap.parse_args()
     if not args.wiki.is_file():
@@ -132,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_compress.") as tmp:
         calib = calibration_file(args.wiki, args.calib_from, Path(tmp))
         fwd = forward_cpu(args, calib, {**env, "OMP_NUM_THREADS": "1"})
-        summary, cpu, wall = run_compress(args, calib, Path(tmp) / "out", env)
+        summary, cpu, wall = run_compress(args, calib, args.keep or Path(tmp) / "out", env)
     result = {"label": args.label, "model": args.model or "embedded SmolLM2-135M",
               "samples": args.samples, "seq_len": args.seq_len, "ratio": args.ratio,
               "refine_steps": args.refine_steps, "threads": args.threads,
