@@ -12,11 +12,12 @@
 from .blocks import BlockModel, check_supported
 from .config import SequentialConfig
 from .passes import capture_block, finish
-from .propagate import (BlockWeights, capture_group, propagate_block, reduce_inputs, reduced_input,
-                        run_pass, solve_group)
+from .propagate import (BlockRun, BlockWeights, capture_group, propagate_block, reduce_inputs,
+                        reduced_input, run_pass, solve_group)
 from .run import run, run_sequential
 from .workdir import WorkDir, default_hidden_dir
 
 __all__ = ["BlockModel", "check_supported", "SequentialConfig", "capture_block", "finish",
-           "BlockWeights", "capture_group", "propagate_block", "run_pass", "solve_group", "reduce_inputs", "reduced_input", "run",
-           "run_sequential", "WorkDir", "default_hidden_dir"]
+           "BlockRun", "BlockWeights", "capture_group", "propagate_block", "run_pass",
+           "solve_group", "reduce_inputs", "reduced_input", "run", "run_sequential", "WorkDir",
+           "default_hidden_dir"]

@@ -32,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -98,15 +100,45 @@ def needs_original(settings: dict) -> bool:
     return settings.get("objective") == "output" or bool(settings.get("refine_steps"))
 
 
+@dataclass
+class BlockRun:
+    """Block k's propagation: what its steps share. ``rec`` is the progress record
+    (`WorkDir.write_progress` saves it), ``settings`` the capture's propagate settings,
+    ``kept`` the original rows of the pair objective (`original`), set once the groups
+    are known; ``timing`` collects the run's per-step seconds."""
+
+    bm: BlockModel
+    k: int
+    store: object
+    work: WorkDir
+    rec: dict
+    bw: BlockWeights
+    plan: Plan
+    config: SequentialConfig
+    settings: dict
+    say: Callable[[str], None]
+    timing: dict
+    is_last: bool
+    kept: OriginalRows | None = None
+
+    @property
+    def pair(self) -> bool:
+        """The output objective: the store gets the original model's side of each row."""
+        return self.settings.get("objective") == "output"
+
+    def save(self) -> None:
+        self.work.write_progress(self.rec)
+
+
 def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, rec: dict, targets: list,
                     is_last: bool, plan: Plan, config: SequentialConfig, say, timing: dict) -> int:
     """Block ``k`` (loaded) with --propagate, resuming at the step ``rec`` names (module
     docstring); returns raw bytes written. Leaves ``rec`` ready for block k+1."""
-    settings = plan.attrs["capture_settings"]["propagate"]
-    bw = BlockWeights(bm, k)
+    run = BlockRun(bm, k, store, work, rec, BlockWeights(bm, k), plan, config,
+                   plan.attrs["capture_settings"]["propagate"], say, timing, is_last)
     raw = 0
     try:
-        groups = _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say)
+        groups = _block_groups(run, targets)
         done = rec.get("groups_done", 0)
         if done:
             got = applied.read_block(store, k)
@@ -115,43 +147,40 @@ def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, rec: dict, tar
                                  f"missing from {applied.block_path(store, k).parent}; rerun with "
                                  f"--overwrite to start over")
             for name, (A, B) in got[0].items():
-                bw.apply(name, A, B)
-        kept = _original_rows(bm, groups, done, work, plan, settings)
+                run.bw.apply(name, A, B)
+        run.kept = _original_rows(run, groups[done:])
         for gi in range(done, len(groups)):
-            raw += _compress_group(bm, k, gi, groups[gi], store, work, rec, bw, plan, config,
-                                   settings, say, timing, kept)
-        _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing,
-                      kept)
+            raw += _compress_group(run, gi, groups[gi])
+        _finish_block(run)
     finally:
-        bw.restore()
+        run.bw.restore()
     return raw
 
 
-def _original_rows(bm, groups, done, work, plan, settings) -> OriginalRows | None:
+def _original_rows(run: BlockRun, todo: list[InputGroup]) -> OriginalRows | None:
     """Where the pair objective's original rows of this block are kept (`original`)."""
-    if settings.get("objective") != "output":
+    if not run.pair:
         return None
-    todo = groups[done:]
     return OriginalRows([g.name for g in todo], [g.n for g in todo],
-                        bm.model.config.hidden_size, work.samples * work.seq_len,
-                        torch.finfo(bm.dtype).bits // 8)
+                        run.bm.model.config.hidden_size, run.work.samples * run.work.seq_len,
+                        torch.finfo(run.bm.dtype).bits // 8)
 
 
-def _block_groups(bm, k, store, work, rec, targets, bw, plan, settings, say) -> list[InputGroup]:
+def _block_groups(run: BlockRun, targets: list) -> list[InputGroup]:
     """Block k's groups in forward order (probed with the original weights); the store's
     inputs for them are created (pairs for the output objective)."""
-    with bw.originals():
-        groups, fire_order = probe_block(bm, k, work, rec["src"], targets, rec,
-                                         getattr(torch, plan.dtype), say)
-    pair = settings.get("objective") == "output"
+    with run.bw.originals():
+        groups, fire_order = probe_block(run.bm, run.k, run.work, run.rec["src"], targets,
+                                         run.rec, getattr(torch, run.plan.dtype), run.say)
     by_name = {g.name: g for g in groups}
     ordered = [by_name[name] for name in fire_order]
     for g in ordered:
-        outputs = pair_outputs(g, bw, store, settings) if pair else None
+        outputs = pair_outputs(g, run.bw, run.store, run.settings) if run.pair else None
         if outputs is not None:
-            store.create_input(g.name, g.n + sum(outputs), g.consumers, outputs=outputs)
+            run.store.create_input(g.name, g.n + sum(outputs), g.consumers, outputs=outputs)
         else:
-            store.create_input(g.name, 2 * g.n if pair else g.n, g.consumers, pair=pair)
+            run.store.create_input(g.name, 2 * g.n if run.pair else g.n, g.consumers,
+                                   pair=run.pair)
     return ordered
 
 
@@ -171,73 +200,74 @@ def pair_outputs(g: InputGroup, bw: BlockWeights, store, settings: dict) -> list
     return outputs
 
 
-def _compress_group(bm, k, gi, g, store, work, rec, bw, plan, config, settings, say,
-                    timing, kept=None) -> int:
-    raw = 0
+def _compress_group(run: BlockRun, gi: int, g: InputGroup) -> int:
+    raw, rec, timing = 0, run.rec, run.timing
     if rec.get("group_captured") != gi:
-        raw = capture_group(bm, k, g, store, work, rec, bw, plan, settings, kept)
+        raw = capture_group(run, g)
         rec["group_captured"] = gi
-        work.write_progress(rec)
+        run.save()
     t, c = time.perf_counter(), time.process_time()
-    reduce_inputs(config, plan, [g.name])
+    reduce_inputs(run.config, run.plan, [g.name])
     timing["reduce_seconds"] += time.perf_counter() - t
     add_cpu(timing, "reduce_cpu_seconds", c)
     t, c = time.perf_counter(), time.process_time()
-    with torch_threads(plan.compute_threads):
-        factors = solve_group(bm, k, g, store, work, bw, plan, settings)
+    with torch_threads(run.plan.compute_threads):
+        factors = solve_group(run, g)
     for name, (A, B) in factors.items():
-        bw.apply(name, A, B)
+        run.bw.apply(name, A, B)
     timing["solve_seconds"] += time.perf_counter() - t
     add_cpu(timing, "solve_cpu_seconds", c)
     timing["compressed_layers"] += len(factors)
-    applied.write_block(store, k, bw.factors, {"groups_done": gi + 1, "refine_steps": 0,
-                                               "settings": settings})
-    if config.drop_activations:
-        store.drop_activations(g.name)
+    applied.write_block(run.store, run.k, run.bw.factors,
+                        {"groups_done": gi + 1, "refine_steps": 0, "settings": run.settings})
+    if run.config.drop_activations:
+        run.store.drop_activations(g.name)
     rec.update(groups_done=gi + 1)
     rec.pop("group_captured", None)
-    work.write_progress(rec)
-    signals.check("capture", f"after block {k}'s group {g.name} (progress saved in {work.path})")
+    run.save()
+    signals.check("capture", f"after block {run.k}'s group {g.name} (progress saved in "
+                             f"{run.work.path})")
     return raw
 
 
-def _finish_block(bm, k, store, work, rec, bw, is_last, plan, config, settings, timing,
-                  kept=None) -> None:
+def _finish_block(run: BlockRun) -> None:
     """After the groups: the original block's pass, the refinement, the compressed pass."""
+    bm, k, work, rec, bw, settings = run.bm, run.k, run.work, run.rec, run.bw, run.settings
+    batch = run.plan.batch_size
     src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
     osrc = rec.get("osrc") or src  # before block 0 the two models' hidden states are one
     odst = "o" + dst
-    original = needs_original(settings) and not (is_last and not settings.get("refine_steps"))
+    original = needs_original(settings) and not (run.is_last and not settings.get("refine_steps"))
     if original and not rec.get("original_done"):
-        starts = range(0, work.samples, plan.batch_size)
-        if kept is not None and kept.has_outputs(starts):
-            write_kept(bm, k, work, odst, plan.batch_size, kept)
+        starts = range(0, work.samples, batch)
+        if run.kept is not None and run.kept.has_outputs(starts):
+            write_kept(bm, k, work, odst, batch, run.kept)
         else:
             with bw.originals():
-                run_pass(bm, k, work, osrc, odst, plan.batch_size)
+                run_pass(bm, k, work, osrc, odst, batch)
         rec["original_done"] = True
-        work.write_progress(rec)
+        run.save()
     steps = settings.get("refine_steps") or 0
     if steps and bw.factors and not rec.get("refined"):
         t, c = time.perf_counter(), time.process_time()
-        refined = refine_block(bm, k, bw, work, src, odst, steps, settings["refine_lr"],
-                               plan.batch_size)
+        refined = refine_block(bm, k, bw, work, src, odst, steps, settings["refine_lr"], batch)
         for name, (A, B) in refined.items():
             bw.apply(name, A, B)
-        applied.write_block(store, k, bw.factors, {"groups_done": rec.get("groups_done", 0),
-                                                   "refine_steps": steps, "settings": settings})
-        timing["refine_seconds"] = timing.get("refine_seconds", 0.0) + time.perf_counter() - t
-        add_cpu(timing, "refine_cpu_seconds", c)
+        applied.write_block(run.store, k, bw.factors, {"groups_done": rec.get("groups_done", 0),
+                                                       "refine_steps": steps, "settings": settings})
+        run.timing["refine_seconds"] = (run.timing.get("refine_seconds", 0.0)
+                                        + time.perf_counter() - t)
+        add_cpu(run.timing, "refine_cpu_seconds", c)
         rec["refined"] = True
-        work.write_progress(rec)
-    if kept is not None:
-        kept.clear()
-    if not is_last:
-        run_pass(bm, k, work, src, dst, plan.batch_size)
+        run.save()
+    if run.kept is not None:
+        run.kept.clear()
+    if not run.is_last:
+        run_pass(bm, k, work, src, dst, batch)
     for key in ("groups_done", "group_captured", "original_done", "refined"):
         rec.pop(key, None)
-    rec.update(next_block=k + 1, src=src if is_last else dst,
-               osrc=(odst if original and not is_last else rec.get("osrc")))
+    rec.update(next_block=k + 1, src=src if run.is_last else dst,
+               osrc=(odst if original and not run.is_last else rec.get("osrc")))
 
 
 def run_pass(bm: BlockModel, k: int, work: WorkDir, src: str, dst: str, batch: int) -> None:
@@ -288,33 +318,31 @@ def input_at(bm: BlockModel, k: int, x: torch.Tensor, module: torch.nn.Module) -
     return got[0]
 
 
-def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, rec: dict,
-                  bw: BlockWeights, plan: Plan, settings: dict,
-                  kept: OriginalRows | None = None) -> int:
+def capture_group(run: BlockRun, g: InputGroup) -> int:
     """All samples' rows of group ``g``'s input into the store (step 1 of the module
-    docstring); resumes after its committed chunks. Returns raw bytes written. ``kept``:
-    the original block's rows of this block (`original`), taken from or filled there."""
+    docstring); resumes after its committed chunks. Returns raw bytes written. The original
+    block's rows of this block come from or go to ``run.kept`` (`original`)."""
+    bm, k, work, plan, store = run.bm, run.k, run.work, run.plan, run.store
     samples, seq_len, B = work.samples, work.seq_len, plan.batch_size
-    pair = settings.get("objective") == "output"
     info = store.input(g.name)
     dtype = getattr(torch, plan.dtype)
     per_chunk = plan.chunk_tokens // seq_len
     cap_start = info.tokens // seq_len  # whole chunks: a batch boundary
-    src, osrc = rec["src"], rec.get("osrc") or rec["src"]
+    src = run.rec["src"]
     buffer = ChunkBuffer(plan.chunk_tokens, info.n, dtype, info.num_chunks)
     writer = ChunkWriter(store, {g.name: list(info.chunk_crc32)}, {g.name: info.n},
                          dtype.itemsize, 1)
-    module = bw.mods[g.name]
+    module = run.bw.mods[g.name]
     done_chunks = cap_start // per_chunk
     # a narrow pair's target: the original outputs X W_g^T (no bias: the objective is W's)
-    Wg = None if info.outputs is None else torch.cat([bw.original[c].detach()
+    Wg = None if info.outputs is None else torch.cat([run.bw.original[c].detach()
                                                       for c in g.consumers]).T
     try:
         with torch.no_grad():
             for s in range(cap_start, samples, B):
                 rows = input_at(bm, k, work.read(src, s, s + B).to(bm.device), module)
-                if pair:
-                    x = _original_input(bm, k, g, work, osrc, s, B, bw, kept)
+                if run.pair:
+                    x = _original_input(run, g, s)
                     rows = torch.cat([rows, x if Wg is None else x @ Wg.to(x.dtype)], dim=-1)
                 for index, chunk in buffer.add(rows.reshape(-1, info.n)):
                     writer.put(("chunk", g.name, index, chunk))
@@ -333,25 +361,27 @@ def capture_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, r
     return writer.raw_bytes
 
 
-def _original_input(bm, k, g, work, osrc, s, B, bw, kept) -> torch.Tensor:
+def _original_input(run: BlockRun, g: InputGroup, s: int) -> torch.Tensor:
     """Group ``g``'s input in the original block for batch ``s``: kept from an earlier
-    group's pass, else computed (and, when ``kept`` is enabled, the later groups' inputs and
-    the block's output kept beside it)."""
+    group's pass, else computed (and, when ``run.kept`` is enabled, the later groups' inputs
+    and the block's output kept beside it)."""
+    kept, bm, bw = run.kept, run.bm, run.bw
     x = None if kept is None else kept.take(g.name, s)
     if x is not None:
         return x
-    xo = work.read(osrc, s, s + B).to(bm.device)
+    osrc = run.rec.get("osrc") or run.rec["src"]
+    xo = run.work.read(osrc, s, s + run.plan.batch_size).to(bm.device)
     with bw.originals():
         if kept is None or not kept.enabled:
-            return input_at(bm, k, xo, bw.mods[g.name])
-        return kept.fill(lambda t: bm.run_block(k, t), bw.mods, g.name, s, xo, True)
+            return input_at(bm, run.k, xo, bw.mods[g.name])
+        return kept.fill(lambda t: bm.run_block(run.k, t), bw.mods, g.name, s, xo, True)
 
 
-def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw: BlockWeights,
-                plan: Plan, settings: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def solve_group(run: BlockRun, g: InputGroup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A, B for the consumers of ``g`` as ``coala-stream solve`` computes them from this store
     with the capture's settings, on the capture's device. Layers whose rank saves no
     parameters (or that ``ranks`` leaves out) stay dense, as solve keeps them."""
+    bm, bw, settings, plan, store = run.bm, run.bw, run.settings, run.plan, run.store
     cfg = SolveConfig(out="-", method=settings["method"], ratio=settings["ratio"],
                       rank=settings["rank"], mu=settings["mu"],
                       objective=settings.get("objective", "input"), alpha=settings.get("alpha"),
@@ -366,7 +396,7 @@ def solve_group(bm: BlockModel, k: int, g: InputGroup, store, work: WorkDir, bw:
 
     device = resolve_device(str(plan.device))
     info = store.input(g.name)
-    factors = factor_layers(layers, weight, lambda n: reduced_input(store, work, n, device),
+    factors = factor_layers(layers, weight, lambda n: reduced_input(store, run.work, n, device),
                             cfg, plan.device, settings.get("ranks"), with_error=False,
                             narrow=lambda layer: info.narrow(layer.name))
     return {c: (res["A"], res["B"]) for c, res in factors.items()}
