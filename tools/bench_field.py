@@ -15,8 +15,9 @@ Protocol (LowRankArena's, where this machine allows):
 - with ``--tasks``: `coala-stream eval --tasks` (lm-eval) on the seven multiple-choice
   tasks, the first ``--limit`` documents of each validation split.
 
-Rows: original, SVD-LLM uniform, COALA uniform (plain store), `compress` with its
-defaults and `compress --allocate loss` (``--rows compress-loss``), at each of ``--ratios``.
+Rows: original, SVD-LLM uniform, COALA uniform and ZS-SVD's one-shot selection on COALA's
+components (``zssvd``: `solve --allocate loss`; plain store), `compress` with its defaults
+and `compress --allocate loss` (``--rows compress-loss``), at each of ``--ratios``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from bench_quality import Runner, measured, stage_model, wiki_calibration  # noq
 WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 TASKS = "arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande"
 ONE_SHOT = {"svdllm": ("SVD-LLM, uniform", ["--method", "svdllm"]),
-            "coala": ("COALA, uniform", [])}
+            "coala": ("COALA, uniform", []),
+            # ZS-SVD's one-shot recipe (its first-order scores, zero-sum selection, break-even
+            # layers dense) on COALA's components; its correction step is not run
+            "zssvd": ("ZS-SVD's selection (`solve --allocate loss`)", ["--allocate", "loss"])}
 COMPRESS = {"compress": ("`compress` with its defaults", []),
             "compress-loss": ("`compress --allocate loss`", ["--allocate", "loss"])}
 
@@ -93,12 +97,19 @@ def main() -> None:
                 out = work / "models" / key
                 runner.run(f"build-{key}", measured(
                     "solve", str(store), "--out", str(out), "--ratio", str(ratio),
-                    *ONE_SHOT[name][1], "--overwrite", "--json", "--quiet", *threads),
+                    *ONE_SHOT[name][1], *scores(work, name, cal), "--overwrite", "--json", "--quiet",
+                    *threads),
                     json_out=True)
                 rows.append(evaluate(runner, args, key, out, {
                     "label": ONE_SHOT[name][0], "ratio": ratio, "calibration": cal,
                     "build": f"build-{key}"}))
     print(table(rows, runner, args))
+
+
+def scores(work: Path, name: str, cal: str) -> list[str]:
+    """--scores for the loss-aware rows: one gradient pass per calibration store, kept and
+    reused by every ratio."""
+    return ["--scores", str(work / f"scores-{cal}")] if name == "zssvd" else []
 
 
 def evaluate(runner: Runner, args, key: str, target: Path, row: dict) -> dict:
