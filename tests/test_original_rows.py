@@ -29,7 +29,10 @@ def test_kept_rows_give_the_same_bits_as_the_per_group_passes(tiny_model_dir, te
 
     def counting(self, *a, **kw):
         fills.append(a[2])  # the group whose pass fills the rows
+        outputs.append((a[2].split(".")[2], a[5]))  # (block, whether its output is kept)
         return real_fill(self, *a, **kw)
+
+    outputs = []
 
     monkeypatch.setattr(original.OriginalRows, "fill", counting)
     written = []
@@ -41,6 +44,8 @@ def test_kept_rows_give_the_same_bits_as_the_per_group_passes(tiny_model_dir, te
     assert 0 < s["reduce_cpu_seconds"] + s["solve_cpu_seconds"] < s["cpu_seconds"]  # CPU per step
     batches = len(fills)
     assert batches > 0 and len(set(fills)) == 3  # one filling group per block: its first
+    # the last block's original output is never used without refinement: not computed
+    assert {b: w for b, w in outputs} == {"0": True, "1": True, "2": False}
     assert written == [0, 1]  # the original outputs of blocks 0 and 1 (the last needs none)
     monkeypatch.setattr(original, "BUDGET", 0)  # nothing fits: the per-group passes
     fills.clear()

@@ -27,6 +27,7 @@ class OriginalRows:
 
     def __init__(self, names: list[str], widths: list[int], hidden: int, tokens: int,
                  itemsize: int, budget: int | None = None):
+        # hidden: the width of the block's output kept beside them (0: the output is not kept)
         self.names = names  # the groups in forward order
         need = tokens * (sum(widths[1:]) + hidden) * itemsize
         self.enabled = bool(names) and need <= (BUDGET if budget is None else budget)

@@ -126,6 +126,13 @@ class BlockRun:
         """The output objective: the store gets the original model's side of each row."""
         return self.settings.get("objective") == "output"
 
+    @property
+    def original_output(self) -> bool:
+        """Whether the original block's output is needed: block k+1's original stream, or
+        the refinement's target (the last block without refinement needs neither)."""
+        return needs_original(self.settings) and not (
+            self.is_last and not self.settings.get("refine_steps"))
+
     def save(self) -> None:
         self.work.write_progress(self.rec)
 
@@ -162,8 +169,8 @@ def _original_rows(run: BlockRun, todo: list[InputGroup]) -> OriginalRows | None
     if not run.pair:
         return None
     return OriginalRows([g.name for g in todo], [g.n for g in todo],
-                        run.bm.model.config.hidden_size, run.work.samples * run.work.seq_len,
-                        torch.finfo(run.bm.dtype).bits // 8)
+                        run.bm.model.config.hidden_size if run.original_output else 0,
+                        run.work.samples * run.work.seq_len, torch.finfo(run.bm.dtype).bits // 8)
 
 
 def _block_groups(run: BlockRun, targets: list) -> list[InputGroup]:
@@ -237,7 +244,7 @@ def _finish_block(run: BlockRun) -> None:
     src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
     osrc = rec.get("osrc") or src  # before block 0 the two models' hidden states are one
     odst = "o" + dst
-    original = needs_original(settings) and not (run.is_last and not settings.get("refine_steps"))
+    original = run.original_output
     if original and not rec.get("original_done"):
         starts = range(0, work.samples, batch)
         if run.kept is not None and run.kept.has_outputs(starts):
@@ -374,7 +381,8 @@ def _original_input(run: BlockRun, g: InputGroup, s: int) -> torch.Tensor:
     with bw.originals():
         if kept is None or not kept.enabled:
             return input_at(bm, run.k, xo, bw.mods[g.name])
-        return kept.fill(lambda t: bm.run_block(run.k, t), bw.mods, g.name, s, xo, True)
+        return kept.fill(lambda t: bm.run_block(run.k, t), bw.mods, g.name, s, xo,
+                         run.original_output)
 
 
 def solve_group(run: BlockRun, g: InputGroup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
