@@ -65,6 +65,8 @@ def test_ranks_are_multiples_and_the_budget_is_never_exceeded(store, tmp_path, a
     if allocate == "uniform":  # and per layer, each within its own share of the ratio
         assert all(r * (m + n) <= (1 - RATIO) * m * n for r, (m, n) in zip(ranks, shapes))
     assert rounded["allocation"]["rank_multiple"] == 8
+    assert rounded["allocation"]["spent_after_rounding"] == sum(
+        r["rank"] * sum(r["shape"]) for r in rounded["layers"] if not r["kept_dense"])
     section = json.loads((tmp_path / "rounded" / "config.json").read_text())["coala_stream"]
     assert section["rank_multiple"] == 8
 

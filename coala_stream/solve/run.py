@@ -115,10 +115,17 @@ def _allocate(store, spec, model_config, layers, config: SolveConfig, source, re
 
 
 def _rounded(layers, config: SolveConfig, allocation: dict) -> dict:
-    """--rank-multiple's rounding of the ranks an allocation set, recorded in its summary."""
+    """--rank-multiple's rounding of the ranks an allocation set, recorded in its summary: the
+    parameters the rounded ranks spend beside the allocation's own figures (which describe
+    the ranks before rounding)."""
     if config.rank_multiple > 1:
         round_ranks(layers, config.rank_multiple)
         allocation["rank_multiple"] = config.rank_multiple
+        allocation["spent_after_rounding"] = sum(l.rank * l.cost for l in layers
+                                                 if l.saves_parameters())
+        allocation["before_rounding"] = ("the other figures of this summary describe the "
+                                         "allocation's ranks before --rank-multiple rounded "
+                                         "them down")
     return allocation
 
 
