@@ -136,12 +136,14 @@ PANEL_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("n, t, k, panel", PANEL_CASES)
-def test_panel_fold_matches_float64_reference(n, t, k, panel, dtype):
+@pytest.mark.parametrize("blocks", [1, 2, None])  # outer block = panel (one level), 2 panels, default
+def test_panel_fold_matches_float64_reference(n, t, k, panel, dtype, blocks):
     g = torch.Generator().manual_seed(n + t)
     X = (torch.randn(t, n, generator=g, dtype=F64) * torch.logspace(0, 2, n, dtype=F64)).to(dtype)
     R = None if k is None else previous_r(k, n, dtype, seed=k)
     X_before = X.clone()
-    R_new = _canonical(_fold_under_r(R, X, panel))
+    R_new = _canonical(_fold_under_r(R, X, panel) if blocks is None
+                       else _fold_under_r(R, X, panel, blocks * panel))
     R_ref, S = stacked_reference(R, X)
     assert torch.equal(X, X_before)  # the caller's block is not overwritten
     assert R_new.shape == (n, n) and R_new.dtype == dtype

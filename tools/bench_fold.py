@@ -24,6 +24,7 @@ other processes, so it is the steadier number on a busy machine.
 
     .venv/bin/python tools/bench_fold.py --threads 1
     .venv/bin/python tools/bench_fold.py --threads 1 --ns 576 --dtypes float32 --panels 32,48,64,96,128
+    .venv/bin/python tools/bench_fold.py --threads 1 --ns 1152 2112 3072 --dtypes float32 --panels 64/64,64/128,64/256
 """
 
 from __future__ import annotations
@@ -97,8 +98,11 @@ def run_case(dtype, n: int, t: int, blocks: int, reps: int, panels: list[int], d
         return G
 
     variants = {"gram": gram, "old": stream(old_fold), "new": stream(fold_block)}
-    for b in panels:
-        variants[f"b={b}"] = stream(lambda R, Xb, b=b: _canonical(_fold_under_r(R, Xb, b)))
+    for spec in panels:  # "b" or "b/outer" (the two-level fold's block width)
+        b, _, o = str(spec).partition("/")
+        kw = {"outer": int(o)} if o else {}
+        variants[f"b={spec}"] = stream(
+            lambda R, Xb, b=int(b), kw=kw: _canonical(_fold_under_r(R, Xb, b, **kw)))
     names = list(variants)
     for name in names:  # warm-up: allocator, MKL init, page faults
         variants[name]()
@@ -166,12 +170,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5; 3 for n >= --big-n)")
     p.add_argument("--max-gb", type=float, default=2.0,
                    help="skip a case whose blocks take more than this many GB (default 2)")
-    p.add_argument("--panels", default="", help="also time _fold_under_r with these panel widths, e.g. 32,64,128")
+    p.add_argument("--panels", default="", help="also time _fold_under_r with these panel widths, "
+                   "e.g. 32,64,128, or panel/outer block widths, e.g. 64/64,64/128,64/256")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    panels = [int(b) for b in args.panels.split(",") if b.strip()]
+    panels = [b.strip() for b in args.panels.split(",") if b.strip()]
 
     print("## Fold vs Gram\n")
     print(header(args) + "\n")
