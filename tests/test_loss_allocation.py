@@ -292,3 +292,56 @@ def test_compress_allocate_loss_feeds_its_ranks_to_the_propagating_capture(tiny_
     assert {r["module"]: r["rank"] for r in report["layers"] if not r["kept_dense"]} == chosen
     assert any("factors as the propagating capture applied them" in n for n in report["notes"])
     assert (tmp_path / "c.work" / "stage.scores" / gradients.SCORES_FILE).exists()
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(base, tmp_path):
+    """A real SIGKILL (no handler runs) while `solve --allocate loss` is in its gradient pass:
+    the rerun goes on from the saved windows and writes the ranks and factors of an
+    uninterrupted run, the scores equal to float32 rounding."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from coala_stream.capture import CaptureConfig, run_capture
+    from coala_stream.reduce import ReduceConfig, run_reduce
+
+    store = tmp_path / "calib.zarr"
+    run_capture(CaptureConfig(out=str(store), model=str(base), samples=40, seq_len=48,
+                              device="cpu"), progress=False)
+    run_reduce(store, ReduceConfig(device="cpu"), progress=False)
+    args = lambda scores, out: ["solve", str(store), "--ratio", "0.3", "--allocate", "loss",
+                                "--scores", str(scores), "--out", str(out), "--threads", "1",
+                                "--quiet", "--json"]
+    assert main(args(tmp_path / "s-ref", tmp_path / "ref")) == 0
+    scores_file = tmp_path / "s-killed" / gradients.SCORES_FILE
+    code = "import sys; from coala_stream.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args(tmp_path / "s-killed",
+                                                                tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def done():
+        try:
+            return int(checkpoint.load_meta(scores_file)["windows_done"])
+        except Exception:  # not written yet, or being replaced
+            return 0
+
+    deadline = time.monotonic() + 120
+    while done() < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert 3 <= done() < 40, "the kill came too late"
+    assert not (tmp_path / "killed").exists()
+    assert main(args(tmp_path / "s-killed", tmp_path / "killed")) == 0
+    ref = json.loads((tmp_path / "ref" / "solve_report.json").read_text())
+    got = json.loads((tmp_path / "killed" / "solve_report.json").read_text())
+    assert [r["rank"] for r in got["layers"]] == [r["rank"] for r in ref["layers"]]
+    a = checkpoint.load_state(tmp_path / "s-ref" / gradients.SCORES_FILE)[0]
+    b = checkpoint.load_state(scores_file)[0]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-9), key
