@@ -345,3 +345,21 @@ def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(base, tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-9), key
+
+
+def test_the_gradient_pass_says_what_memory_it_needs(base, store, monkeypatch):
+    """One line before the pass: the float32 model, the gradients and the components, and a
+    warning when a CPU has less available."""
+    spec = ModelSpec.from_args(str(base), None)
+    config = load_config(spec)
+    with open_store(store) as st:
+        layers = plan_layers(st, config, r"layers\.1\.")
+    need = gradients.memory_bytes(config, layers)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    assert need["model"] == 4 * params
+    assert need["gradients"] == 4 * sum(l.m * l.n for l in layers)
+    assert need["components"] == 4 * sum(min(l.m, l.n) * (l.m + l.n) for l in layers)
+    note = gradients.memory_note(config, layers, "cpu")
+    assert note.startswith("loss scores: the gradient pass holds") and "\n" not in note
+    monkeypatch.setattr(gradients, "_available_bytes", lambda: 1024)
+    assert "only 0.0 GiB are available now" in gradients.memory_note(config, layers, "cpu")

@@ -18,7 +18,7 @@ is refused, never overwritten.
 
 Memory: the model in float32 on --device (whole), one float32 gradient per compressed
 linear, and per linear U (m x k) and U^T W (k x n) in float32: about three times the
-linears' float32 size beside the model (SmolLM2-135M: a solve that ran this pass peaked at
+linears' float32 size beside the model, said before the pass starts (`memory_note`) (SmolLM2-135M: a solve that ran this pass peaked at
 3.2-3.6 GB, one that reused its scores at 1.4 GB, uniform at 1.6 GB; docs/benchmarks.md).
 """
 
@@ -123,6 +123,7 @@ def component_scores(store, spec, model_config, layers: list[Layer], device, sco
         return scores
     say(f"loss scores: {ids.shape[0] - done} of {ids.shape[0]} windows to go "
         f"(gradient pass of the original model, float32, {device}); saved to {path}")
+    say(memory_note(model_config, layers, device))
     model = models.load_model(spec, "float32", device, config=model_config, progress=False)
     bases = _bases(model, store, layers, device, progress)
     rows = {name: [list(scores[name][1]), list(scores[name][2])] if scores else [[], []]
@@ -139,6 +140,45 @@ def component_scores(store, spec, model_config, layers: list[Layer], device, sco
             stop.check(f"after window {w + 1} of {ids.shape[0]} (saved)")
     return {name: (bases[name][1].cpu(), torch.stack(rows[name][0]), torch.stack(rows[name][1]))
             for name in bases}
+
+
+def memory_bytes(model_config, layers: list[Layer]) -> dict[str, int]:
+    """What the gradient pass holds at once, in bytes (float32): the whole model, one
+    gradient per compressed linear, and per linear its components U (m x k) and U^T W
+    (k x n), k = min(m, n); activations of one window come on top."""
+    params = sum(p.numel() for p in models.skeleton(model_config, "float32").parameters())
+    linears = sum(layer.m * layer.n for layer in layers)
+    comps = sum(min(layer.m, layer.n) * (layer.m + layer.n) for layer in layers)
+    return {"model": 4 * params, "gradients": 4 * linears, "components": 4 * comps}
+
+
+def memory_note(model_config, layers: list[Layer], device) -> str:
+    """One line saying what the gradient pass needs (`memory_bytes`), and, on a CPU, how that
+    compares with the memory available now."""
+    need = memory_bytes(model_config, layers)
+    total = sum(need.values())
+    line = (f"loss scores: the gradient pass holds the float32 model ({need['model'] / 2**30:.1f} "
+            f"GiB), its linears' gradients ({need['gradients'] / 2**30:.1f} GiB) and their "
+            f"components ({need['components'] / 2**30:.1f} GiB): about {total / 2**30:.1f} GiB "
+            f"on {device} before activations")
+    available = _available_bytes() if torch.device(device).type == "cpu" else None
+    if available is not None and total > available:
+        line += (f"; only {available / 2**30:.1f} GiB are available now: expect swapping or "
+                 f"an out-of-memory kill (compress and solve without --allocate loss hold one "
+                 f"block at a time)")
+    return line
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _bases(model, store, layers: list[Layer], device, progress: bool) -> dict:
