@@ -154,7 +154,9 @@ def table(rows: list[dict], runner: Runner, args) -> str:
         if args.tasks:
             res = r.get("tasks") or {}
             per = res.get("tasks") or {}
-            cells += [fmt(_score(per.get(t))) for t in names] + [fmt(res.get("average"))]
+            avg = res.get("average")
+            cells += [fmt(_score(per.get(t))) for t in names] + [
+                "-" if avg is None else f"{avg:.3f}"]
         cells += [fmt(build.get(k)) for k in ("seconds", "cpu_seconds", "peak_rss_mib")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Commands:", ""]
