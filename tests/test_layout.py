@@ -18,7 +18,7 @@ LAYERS = {
     "linalg": 1, "baselines": 1, "objective": 1, "scores": 1,
     "store": 2, "checkpoint": 2, "calib": 2, "calib_formats": 2, "models": 2,
     "weights": 3, "applied": 3,
-    "reduce": 4, "capture": 4, "export": 4,
+    "reduce": 4, "capture": 4, "export": 4, "blocks": 4,
     "solve": 5,
     "sequential": 6, "status": 6, "evaluate": 6, "merge": 6,
     "compress": 7, "tasks": 7,

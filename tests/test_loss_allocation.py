@@ -219,7 +219,7 @@ def test_a_killed_gradient_pass_resumes_and_gives_the_same_scores(base, store, t
     with open_store(store) as st:
         layers = plan_layers(st, config, r"layers\.1\.")
         whole = gradients.component_scores(st, spec, config, layers, torch.device("cpu"),
-                                           tmp_path / "a", **quiet)
+                                           tmp_path / "a", by_block=False, **quiet)
         real, calls = gradients._window_projections, []
 
         def dies_after_two(*args):
@@ -231,18 +231,18 @@ def test_a_killed_gradient_pass_resumes_and_gives_the_same_scores(base, store, t
         monkeypatch.setattr(gradients, "_window_projections", dies_after_two)
         with pytest.raises(KeyboardInterrupt):
             gradients.component_scores(st, spec, config, layers, torch.device("cpu"),
-                                       tmp_path / "b", **quiet)
+                                       tmp_path / "b", by_block=False, **quiet)
         assert checkpoint.load_meta(tmp_path / "b" / gradients.SCORES_FILE)["windows_done"] == 2
         monkeypatch.setattr(gradients, "_window_projections", real)
         resumed = gradients.component_scores(st, spec, config, layers, torch.device("cpu"),
-                                             tmp_path / "b", **quiet)
+                                             tmp_path / "b", by_block=False, **quiet)
         for name in whole:
             for part in (1, 2):
                 assert torch.allclose(whole[name][part], resumed[name][part], rtol=1e-5, atol=1e-9)
         other = plan_layers(st, config, r"layers\.0\.")
         with pytest.raises(CheckpointMismatch, match="another"):
             gradients.component_scores(st, spec, config, other, torch.device("cpu"),
-                                       tmp_path / "b", **quiet)
+                                       tmp_path / "b", by_block=False, **quiet)
 
 
 def test_cli_solve_allocate_loss_end_to_end(store, tmp_path, capsys):
@@ -295,10 +295,10 @@ def test_compress_allocate_loss_feeds_its_ranks_to_the_propagating_capture(tiny_
 
 
 @pytest.mark.slow
-def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(base, tmp_path):
-    """A real SIGKILL (no handler runs) while `solve --allocate loss` is in its gradient pass:
-    the rerun goes on from the saved windows and writes the ranks and factors of an
-    uninterrupted run, the scores equal to float32 rounding."""
+def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(tiny_model_dir, tmp_path):
+    """A real SIGKILL (no handler runs) while `solve --allocate loss` is in its gradient pass
+    (block by block, four blocks): the rerun goes on after the saved blocks and writes the
+    ranks of an uninterrupted run, the scores equal to float32 rounding."""
     import os
     import signal
     import subprocess
@@ -307,9 +307,11 @@ def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(base, tmp_p
 
     from coala_stream.capture import CaptureConfig, run_capture
     from coala_stream.reduce import ReduceConfig, run_reduce
+    from coala_stream.solve import blockgrad
 
+    model = tiny_model_dir(num_hidden_layers=4)
     store = tmp_path / "calib.zarr"
-    run_capture(CaptureConfig(out=str(store), model=str(base), samples=40, seq_len=48,
+    run_capture(CaptureConfig(out=str(store), model=str(model), samples=40, seq_len=48,
                               device="cpu"), progress=False)
     run_reduce(store, ReduceConfig(device="cpu"), progress=False)
     args = lambda scores, out: ["solve", str(store), "--ratio", "0.3", "--allocate", "loss",
@@ -324,17 +326,18 @@ def test_kill_9_in_the_gradient_pass_then_rerun_equals_uninterrupted(base, tmp_p
 
     def done():
         try:
-            return int(checkpoint.load_meta(scores_file)["windows_done"])
+            meta = checkpoint.load_meta(scores_file)
         except Exception:  # not written yet, or being replaced
             return 0
+        return int(meta["blocks_done"]) if meta.get("format") == blockgrad.FORMAT else 99
 
     deadline = time.monotonic() + 120
-    while done() < 3 and proc.poll() is None and time.monotonic() < deadline:
+    while done() < 1 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-    assert 3 <= done() < 40, "the kill came too late"
+    assert 1 <= done() < 4, "the kill came too late"
     assert not (tmp_path / "killed").exists()
     assert main(args(tmp_path / "s-killed", tmp_path / "killed")) == 0
     ref = json.loads((tmp_path / "ref" / "solve_report.json").read_text())
@@ -363,3 +366,57 @@ def test_the_gradient_pass_says_what_memory_it_needs(base, store, monkeypatch):
     assert note.startswith("loss scores: the gradient pass holds") and "\n" not in note
     monkeypatch.setattr(gradients, "_available_bytes", lambda: 1024)
     assert "only 0.0 GiB are available now" in gradients.memory_note(config, layers, "cpu")
+
+
+
+def test_the_block_by_block_pass_gives_the_whole_model_scores(base, store, tmp_path, monkeypatch):
+    """`blockgrad`: one block at a time, no weight gradient, the same projections and Fisher
+    terms as the whole-model pass (float32 rounding), for layers of every block and of one
+    block only (the gradient then crosses the blocks above unscored); an interruption after a
+    block resumes there and ends with the same scores."""
+    from coala_stream.solve import blockgrad
+
+    spec = ModelSpec.from_args(str(base), None)
+    config = load_config(spec)
+    quiet = dict(progress=False, say=lambda m: None)
+    assert blockgrad.usable(spec, config)
+    with open_store(store) as st:
+        for pattern, tag in ((None, "all"), (r"layers\.0\.", "first")):
+            layers = plan_layers(st, config, pattern)
+            whole = gradients.component_scores(st, spec, config, layers, "cpu", tmp_path / f"w{tag}",
+                                               by_block=False, **quiet)
+            blocks = gradients.component_scores(st, spec, config, layers, "cpu",
+                                                tmp_path / f"b{tag}", **quiet)
+            assert whole.keys() == blocks.keys()
+            for name in whole:
+                assert torch.equal(whole[name][0], blocks[name][0])  # S: the same SVD
+                for part in (1, 2):
+                    a, b = whole[name][part], blocks[name][part]
+                    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())), name
+            # a finished block-by-block file is the whole-model pass's format: reused by either
+            again = gradients.component_scores(st, spec, config, layers, "cpu", tmp_path / f"b{tag}",
+                                               by_block=False, **quiet)
+            assert all(torch.equal(again[n][1], blocks[n][1]) for n in blocks)
+        layers = plan_layers(st, config, None)
+        real, calls = blockgrad._block_backward, []
+
+        def dies_after_one(bm, k, *a):
+            if calls:
+                raise KeyboardInterrupt("killed")
+            calls.append(k)
+            return real(bm, k, *a)
+
+        monkeypatch.setattr(blockgrad, "_block_backward", dies_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            gradients.component_scores(st, spec, config, layers, "cpu", tmp_path / "r", **quiet)
+        meta = checkpoint.load_meta(tmp_path / "r" / gradients.SCORES_FILE)
+        assert meta["format"] == blockgrad.FORMAT and meta["blocks_done"] == 1
+        monkeypatch.setattr(blockgrad, "_block_backward", real)
+        resumed = gradients.component_scores(st, spec, config, layers, "cpu", tmp_path / "r",
+                                             **quiet)
+        ref = gradients.component_scores(st, spec, config, layers, "cpu", tmp_path / "ball",
+                                         **quiet)
+        for name in ref:
+            for part in (1, 2):
+                assert torch.allclose(ref[name][part], resumed[name][part], rtol=1e-5,
+                                      atol=1e-9), name

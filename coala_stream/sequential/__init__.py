@@ -9,7 +9,7 @@
 - `run`: `run_sequential`, and `run`, which is what `coala-stream capture` calls.
 """
 
-from .blocks import BlockModel, check_supported
+from ..blocks import BlockModel, check_supported
 from .config import SequentialConfig
 from .passes import capture_block, finish
 from .propagate import (BlockRun, BlockWeights, capture_group, propagate_block, reduce_inputs,

@@ -8,7 +8,7 @@ import torch
 from .. import checkpoint, signals
 from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, linear_input, probe_run
 from ..errors import StoreError
-from .blocks import BlockModel
+from ..blocks import BlockModel
 from .config import SequentialConfig
 from .workdir import WorkDir
 

@@ -44,7 +44,7 @@ from ..devices import resolve_device, torch_threads
 from ..errors import StoreError
 from ..reduce import DTYPES, Partial, ReduceConfig, fold_group, read_result, run_reduce
 from ..solve import Layer, SolveConfig, factor_layers
-from .blocks import BlockModel
+from ..blocks import BlockModel
 from .config import SequentialConfig
 from .original import OUTPUT, OriginalRows
 from .passes import probe_block, save_pending

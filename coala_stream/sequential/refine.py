@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .blocks import BlockModel
+from ..blocks import BlockModel
 from .workdir import WorkDir
 
 

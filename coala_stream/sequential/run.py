@@ -24,7 +24,7 @@ from ..capture import (Plan, capture_lock, capture_threads, complete_without_loc
 from ..devices import torch_threads
 from ..progress import bar as progress_bar
 from ..signals import StopRequests
-from .blocks import BlockModel
+from ..blocks import BlockModel
 from .config import SequentialConfig
 from .passes import capture_block, finish
 from .propagate import add_cpu, propagate_block, reduce_inputs

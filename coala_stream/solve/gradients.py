@@ -110,13 +110,32 @@ def load_scores(path: Path, key: dict) -> tuple[dict, int]:
 
 
 def component_scores(store, spec, model_config, layers: list[Layer], device, scores_dir: Path,
-                     data: str | None = None, progress: bool = True, say=print) -> dict:
+                     data: str | None = None, progress: bool = True, say=print,
+                     by_block: bool | None = None) -> dict:
     """{module: (S (k,), P (windows x k), Q (windows x k))}: the spectrum of W R^T, every
     window's projection of dL/dW on each component and its per-token Fisher term
-    (`scores.position_fisher`); computed, resumed or read back (module doc)."""
+    (`scores.position_fisher`); computed, resumed or read back (module doc). ``by_block``:
+    the pass one block at a time (`blockgrad`), the whole-model one, or (None) the first
+    where the model allows it, unless an unfinished file of the other is there to resume."""
+    from . import blockgrad
+
     path = Path(scores_dir) / SCORES_FILE
     ids = calibration_ids(store, spec, model_config, data)
     key = run_key(store, model_config, layers, int(ids.shape[0]))
+    if by_block is None:
+        by_block = (checkpoint.load_meta(path).get("format") == blockgrad.FORMAT if path.exists()
+                    else blockgrad.usable(spec, model_config))
+    if by_block:
+        if path.exists() and checkpoint.load_meta(path).get("format") == FORMAT:
+            scores, done = load_scores(path, key)  # finished (either pass): reused
+            if done == ids.shape[0]:
+                say(f"loss scores: reusing {path} ({done} windows)")
+                return scores
+        say(memory_note(model_config, layers, device, ids.shape))
+        scores = blockgrad.component_scores(store, spec, model_config, layers, device, path,
+                                            ids, key, progress, say)
+        save_scores(path, scores, key, int(ids.shape[0]))
+        return scores
     scores, done = load_scores(path, key)
     if done == ids.shape[0]:
         say(f"loss scores: reusing {path} ({done} windows)")
@@ -152,15 +171,23 @@ def memory_bytes(model_config, layers: list[Layer]) -> dict[str, int]:
     return {"model": 4 * params, "gradients": 4 * linears, "components": 4 * comps}
 
 
-def memory_note(model_config, layers: list[Layer], device) -> str:
-    """One line saying what the gradient pass needs (`memory_bytes`), and, on a CPU, how that
-    compares with the memory available now."""
-    need = memory_bytes(model_config, layers)
+def memory_note(model_config, layers: list[Layer], device, windows=None) -> str:
+    """One line saying what the gradient pass needs (`memory_bytes`; block by block,
+    `blockgrad.memory_bytes`, when ``windows`` (the windows' shape) is given), and, on a
+    CPU, how that compares with the memory available now."""
+    from . import blockgrad
+
+    if windows is None:
+        need = memory_bytes(model_config, layers)
+        what = (f"the float32 model ({need['model'] / 2**30:.1f} GiB), its linears' gradients "
+                f"({need['gradients'] / 2**30:.1f} GiB) and their components "
+                f"({need['components'] / 2**30:.1f} GiB)")
+    else:
+        need = blockgrad.memory_bytes(model_config, layers, int(windows[0]), int(windows[1]))
+        what = ", ".join(f"{k} ({v / 2**30:.2f} GiB)" for k, v in need.items())
     total = sum(need.values())
-    line = (f"loss scores: the gradient pass holds the float32 model ({need['model'] / 2**30:.1f} "
-            f"GiB), its linears' gradients ({need['gradients'] / 2**30:.1f} GiB) and their "
-            f"components ({need['components'] / 2**30:.1f} GiB): about {total / 2**30:.1f} GiB "
-            f"on {device} before activations")
+    line = (f"loss scores: the gradient pass holds {what}: about {total / 2**30:.2f} GiB on "
+            f"{device} before activations")
     available = _available_bytes() if torch.device(device).type == "cpu" else None
     if available is not None and total > available:
         line += (f"; only {available / 2**30:.1f} GiB are available now: expect swapping or "
@@ -233,10 +260,15 @@ def _window_projections(model, bases: dict, ids: torch.Tensor) -> dict:
 
 
 def _save(path: Path, bases: dict, rows: dict, key: dict, done: int) -> None:
+    save_scores(path, {name: (S, torch.stack(rows[name][0]), torch.stack(rows[name][1]))
+                       for name, (_, S, _) in bases.items()}, key, done)
+
+
+def save_scores(path: Path, scores: dict, key: dict, done: int) -> None:
+    """Write {module: (S, P, Q)} with ``done`` windows (all of them: a finished file that
+    every later solve of the same store reuses) atomically."""
     tensors = {}
-    for name, (_, S, _) in bases.items():
-        tensors[f"S:{name}"] = S
-        tensors[f"P:{name}"] = torch.stack(rows[name][0])
-        tensors[f"Q:{name}"] = torch.stack(rows[name][1])
+    for name, (S, P, Q) in scores.items():
+        tensors[f"S:{name}"], tensors[f"P:{name}"], tensors[f"Q:{name}"] = S, P, Q
     checkpoint.save_state(path, tensors, {"format": FORMAT, "version": VERSION, "key": key,
                                           "windows_done": done, "saved_at": time.time()})

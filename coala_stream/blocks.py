@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import models
-from ..capture import StopForward, linear_targets
-from ..errors import CoalaError
-from ..weights import LazyWeights
+from . import models
+from .capture import StopForward, linear_targets
+from .errors import CoalaError
+from .weights import LazyWeights
 
 SUPPORTED = ("Llama-style decoder models (Llama, Mistral, Qwen2, Phi-3, SmolLM, ...) whose base model "
              "has embed_tokens, a ModuleList `layers` of decoder blocks and rotary_emb")
