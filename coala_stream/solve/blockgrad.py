@@ -34,6 +34,7 @@ import torch
 
 from .. import checkpoint, models
 from ..blocks import BlockModel
+from ..devices import release_free_memory
 from ..errors import CheckpointMismatch
 from ..progress import bar as progress_bar
 from ..reduce import read_result
@@ -115,6 +116,7 @@ def component_scores(store, spec, model_config, layers: list[Layer], device, pat
                     rows[name]["S"] = S.cpu()
             cur = order[j] - 1
             _save_partial(path, rows, grad, key, j + 1)
+            release_free_memory()  # else the heap grows by a block's activations per block
             bar.update()
             stop.check(f"after {j + 1} of {len(order)} blocks (saved)")
     return {name: (r["S"], torch.stack(r["P"], 0), torch.stack(r["Q"], 0))
@@ -162,6 +164,7 @@ def _upward(bm: BlockModel, ids: torch.Tensor, upto: int, progress: bool) -> lis
                 finally:
                     bm.free_block(k)
                 hidden.append(h)
+                release_free_memory()
                 bar.update()
     return hidden
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .. import calib, checkpoint, models
+from ..devices import release_free_memory
 from ..errors import CheckpointMismatch, CoalaError
 from ..progress import bar as progress_bar
 from ..reduce import read_result
@@ -155,6 +156,7 @@ def component_scores(store, spec, model_config, layers: list[Layer], device, sco
                 rows[name][0].append(p)
                 rows[name][1].append(q)
             _save(path, bases, rows, key, w + 1)
+            release_free_memory()  # the heap would keep every window's freed activations
             bar.update()
             stop.check(f"after window {w + 1} of {ids.shape[0]} (saved)")
     return {name: (bases[name][1].cpu(), torch.stack(rows[name][0]), torch.stack(rows[name][1]))
