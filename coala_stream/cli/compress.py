@@ -29,9 +29,8 @@ on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
 --allocate loss (ranks from the calibration loss, ZS-SVD's zero-sum rule) scored
 42.66 against 99.84 for SVD-LLM in a later draw of the same protocol (ratio 0.2,
 docs/benchmarks.md, "The field's protocol on SmolLM2 ..."); it is not the default
-yet: measured on one model at one ratio, and its gradient pass holds the whole
-float32 model and its linears' gradients (6.5 GB peak for SmolLM2), where the
-default recipe runs one block at a time.
+yet: measured on one model (SmolLM2) only. Its gradient pass runs one block at a
+time on Llama-style models (2.1 GB peak for SmolLM2's solve, 6.3 GB whole-model).
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
 
