@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WIKI = ROOT.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKI = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 def calibration_file(wiki: Path, first_line: int, folder: Path) -> Path:

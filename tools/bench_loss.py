@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-WIKI = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")  # pass --eval-data elsewhere
+WIKI = Path(__file__).resolve().parent.parent.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
 ROWS = (("uniform", "uniform", []),
         ("loss, zerosum, first order (ZS-SVD's selection)", "zs", ["--allocate", "loss"]),
         ("loss, zerosum, + Fisher term", "zs-fisher", ["--allocate", "loss", "--loss-terms", "fisher"]),
