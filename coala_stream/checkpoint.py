@@ -120,10 +120,15 @@ def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: 
     atomic_write(path, save(cpu, metadata={META_KEY: blob}))
 
 
-def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+# what a damaged state file's message tells the user to do; a caller whose command has
+# --restart (reduce) says so instead
+REDO = "delete it and rerun the same command"
+
+
+def load_state(path: str | os.PathLike, fix: str = REDO) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a file written by ``save_state``: (tensors on CPU, meta dict).
 
-    Raises DataError naming the file when it is not a readable state file
+    Raises DataError naming the file and ``fix`` when it is not a readable state file
     (nothing ``save_state`` writes can be torn, so this means someone else
     wrote or damaged it).
     """
@@ -138,14 +143,14 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise
     except Exception as exc:  # safetensors / json raise their own types; all mean "unreadable"
         raise DataError(
-            f"state file {path} is unreadable ({exc}); delete it or rerun with --restart"
+            f"state file {path} is unreadable ({exc}); {fix}"
         ) from exc
     if not isinstance(meta, dict):
         raise DataError(f"state file {path}: metadata '{META_KEY}' is not a JSON object")
     return tensors, meta
 
 
-def load_meta(path: str | os.PathLike) -> dict:
+def load_meta(path: str | os.PathLike, fix: str = REDO) -> dict:
     """The meta dict of a ``save_state`` file, reading only its header (cheap for big tensors)."""
     path = Path(path)
     try:
@@ -160,7 +165,7 @@ def load_meta(path: str | os.PathLike) -> dict:
         raise
     except Exception as exc:
         raise DataError(
-            f"state file {path} is unreadable ({exc}); delete it or rerun with --restart"
+            f"state file {path} is unreadable ({exc}); {fix}"
         ) from exc
     if not isinstance(meta, dict):
         raise DataError(f"state file {path}: metadata '{META_KEY}' is not a JSON object")

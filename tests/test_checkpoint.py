@@ -193,3 +193,19 @@ def test_load_meta_reads_the_header_alone(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(DataError, match="bad.safetensors"):
         checkpoint.load_meta(tmp_path / "bad.safetensors")
+
+
+def test_a_damaged_state_file_names_a_fix_its_command_has(tmp_path):
+    """Only reduce has --restart: the scores of the gradient pass, a pending chunk of the
+    propagation and the applied factors are redone by rerunning the same command."""
+    from coala_stream.reduce import result
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    for read in (load_state, checkpoint.load_meta):
+        with pytest.raises(DataError) as caught:
+            read(bad)
+        assert "rerun the same command" in str(caught.value)
+        assert "--restart" not in str(caught.value)
+    with pytest.raises(DataError, match="rerun reduce with --restart"):
+        result.read_meta(bad)
