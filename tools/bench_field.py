@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--skip-long", action="store_true",
                     help="leave out the 30 x 2048 perplexity not yet measured (22 CPU minutes a "
                          "row for a 0.5B model); a later run without it adds it")
+    ap.add_argument("--skip-original", action="store_true",
+                    help="leave out the original model's evals not yet measured (measured once "
+                         "per model; a later run without it adds them)")
     ap.add_argument("--tasks", action="store_true", help="also the seven tasks (lm-eval)")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--task-batch", type=int, default=16,
@@ -74,8 +77,8 @@ def main() -> None:
     model = args.model if args.model is not None else stage_model(work, runner)
     calib = wiki_calibration(work, WIKI, args.calib_from)
     threads = ["--threads", str(args.threads)]
-    rows = [evaluate(runner, args, "original", model, {"label": "original", "ratio": "-",
-                                                        "calibration": "-"})]
+    rows = [] if args.skip_original else [evaluate(runner, args, "original", model, {
+        "label": "original", "ratio": "-", "calibration": "-"})]
     for ratio in args.ratios:
         for name in args.rows:
             if name in COMPRESS:
