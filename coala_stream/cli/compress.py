@@ -27,9 +27,11 @@ and 64.41 with --alpha 0.4 and 0.6 (same refinement), 67.70 without the refineme
 82.34 with global ranks, 139.16 for COALA with global ranks;
 on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
 --allocate loss (ranks from the calibration loss, ZS-SVD's zero-sum rule) scored
-42.66 against 99.84 for SVD-LLM in a later draw of the same protocol (ratio 0.2,
-docs/benchmarks.md, "The field's protocol on SmolLM2 ..."); it is not the default
-yet: measured on one model (SmolLM2) only. Its gradient pass runs one block at a
+42.66 against 63.08 for these defaults and 99.84 for SVD-LLM in a later draw of the
+same protocol (ratio 0.2, docs/benchmarks.md, "The field's protocol on SmolLM2 ...");
+at ratio 0.4 it is level with them on 2048-token windows (89.76 against 90.23; 97.81
+against 105.29 on 512), at 1.6x the CPU time. It is not the default: measured on one
+model (SmolLM2) only, and its lead shrinks as the ratio grows. Its gradient pass runs one block at a
 time on Llama-style models (2.1 GB peak for SmolLM2's solve, 6.3 GB whole-model).
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
