@@ -151,7 +151,7 @@ class Run:
         if state.label == "complete":  # the header only: a finished input costs no tensor read
             return Job(name, info, settings, Partial(None, None, None, state.tokens),
                        state.next_chunk, seconds, "skipped", path)
-        tensors, meta = checkpoint.load_state(path, fix=res.RESTART)
+        tensors, meta = checkpoint.load_state(path, fix=res.RESTART_HINT)
         if "R" not in tensors or "abs_sum" not in tensors:
             raise CheckpointMismatch(f"{path} is not a reduce checkpoint (no R or abs_sum "
                                      f"tensor); {res.RESTART_HINT}")

@@ -129,13 +129,9 @@ def run_threads(reduce_dir: Path, explicit: int | None, current: int) -> tuple[i
     return count, note
 
 
-# a damaged reduce file's remedy (reduce is the command with --restart)
-RESTART = "delete it or rerun reduce with --restart"
-
-
 def read_meta(path: Path) -> dict:
     """The metadata of a result file (its header only); DataError if unreadable."""
-    return checkpoint.load_meta(path, fix=RESTART)
+    return checkpoint.load_meta(path, fix=RESTART_HINT)
 
 
 def read_result(store, name: str) -> ReducedInput | None:
@@ -144,7 +140,7 @@ def read_result(store, name: str) -> ReducedInput | None:
     path = result_path(store, name)
     if not path.is_file():
         return None
-    tensors, meta = checkpoint.load_state(path, fix=RESTART)
+    tensors, meta = checkpoint.load_state(path, fix=RESTART_HINT)
     if "R" not in tensors:
         raise DataError(f"reduce file {path} has no tensor 'R' (found {sorted(tensors)}); it was "
                         f"not written by coala-stream reduce: delete it and rerun reduce")
