@@ -77,8 +77,9 @@ def main() -> None:
     model = args.model if args.model is not None else stage_model(work, runner)
     calib = wiki_calibration(work, WIKI, args.calib_from)
     threads = ["--threads", str(args.threads)]
-    rows = [] if args.skip_original else [evaluate(runner, args, "original", model, {
-        "label": "original", "ratio": "-", "calibration": "-"})]
+    rows = [evaluate(runner, args, "original", model, {"label": "original", "ratio": "-",
+                                                        "calibration": "-"},
+                     cached_only=args.skip_original)]
     for ratio in args.ratios:
         for name in args.rows:
             if name in COMPRESS:
@@ -118,28 +119,32 @@ def scores(work: Path, name: str, cal: str) -> list[str]:
     return ["--scores", str(work / f"scores-{cal}")] if name == "zssvd" else []
 
 
-def evaluate(runner: Runner, args, key: str, target: Path, row: dict) -> dict:
-    """The row's metrics (each eval cached under its own key)."""
+def evaluate(runner: Runner, args, key: str, target: Path, row: dict,
+             cached_only: bool = False) -> dict:
+    """The row's metrics (each eval cached under its own key); with ``cached_only`` only
+    those measured already, and the 2048-token one only so with ``--skip-long``."""
     threads = ["--threads", str(args.threads)]
     row["evals"], row["ppl2048"] = [], None
-    if not args.skip_long or f"ppl2048-{key}" in runner.cache:
-        got = runner.run(f"ppl2048-{key}", measured(
-            "eval", str(target), "--data", str(WIKI), "--seq-len", "2048", "--max-windows",
-            str(args.windows), "--json", "--quiet", *threads), json_out=True)
-        row["ppl2048"] = got and got["result"]["ppl"]
-        row["evals"].append(f"ppl2048-{key}")
+
+    def run(name: str, argv: list[str], skip: bool = False) -> dict | None:
+        if (cached_only or skip) and name not in runner.cache:
+            return None
+        row["evals"].append(name)
+        return runner.run(name, measured(*argv), json_out=True)
+
+    got = run(f"ppl2048-{key}", ["eval", str(target), "--data", str(WIKI), "--seq-len", "2048",
+                                 "--max-windows", str(args.windows), "--json", "--quiet",
+                                 *threads], skip=args.skip_long)
+    row["ppl2048"] = got and got["result"]["ppl"]
     if args.short_windows:
-        got = runner.run(f"ppl512-{key}", measured(
-            "eval", str(target), "--data", str(WIKI), "--max-windows", str(args.windows),
-            "--json", "--quiet", *threads), json_out=True)
+        got = run(f"ppl512-{key}", ["eval", str(target), "--data", str(WIKI), "--max-windows",
+                                    str(args.windows), "--json", "--quiet", *threads])
         row["ppl512"] = got and got["result"]["ppl"]
-        row["evals"].append(f"ppl512-{key}")
     if args.tasks:
-        got = runner.run(f"tasks-{key}", measured(
-            "eval", str(target), "--tasks", TASKS, "--limit", str(args.limit), "--batch-size",
-            str(args.task_batch), "--json", "--quiet", *threads), json_out=True)
+        got = run(f"tasks-{key}", ["eval", str(target), "--tasks", TASKS, "--limit",
+                                   str(args.limit), "--batch-size", str(args.task_batch),
+                                   "--json", "--quiet", *threads])
         row["tasks"] = got and got["result"]
-        row["evals"].append(f"tasks-{key}")
     return row
 
 
