@@ -31,8 +31,9 @@ on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
 same protocol (ratio 0.2, docs/benchmarks.md, "The field's protocol on SmolLM2 ...");
 at ratio 0.4 it is level with them on 2048-token windows (89.76 against 90.23; 97.81
 against 105.29 on 512), at 1.6x the CPU time. It is not the default: measured on one
-model (SmolLM2) only, and its lead shrinks as the ratio grows. Its gradient pass runs one block at a
-time on Llama-style models (2.1 GB peak for SmolLM2's solve, 6.3 GB whole-model).
+model (SmolLM2) only, and its lead shrinks as the ratio grows. Its gradient pass
+runs one block at a time on Llama-style models (2.1 GB peak for SmolLM2's solve,
+6.3 GB whole-model).
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
 
