@@ -87,8 +87,8 @@ def main() -> None:
                 out = work / "models" / f"{name}-{ratio}"
                 runner.run(f"build-{name}-{ratio}", measured(
                     "compress", str(model), "--data", str(calib), "--samples", "32", "--seq-len",
-                    "512", "--ratio", str(ratio), *extra, "--out", str(out), "--overwrite",
-                    "--json", "--quiet", *threads))
+                    "512", "--ratio", str(ratio), *extra, "--out", str(out), *fresh(out),
+                    "--json", "--quiet", *threads), json_out=steps)
                 rows.append(evaluate(runner, args, f"{name}-{ratio}", out, {
                     "label": label, "ratio": ratio, "calibration": "32x512",
                     "build": f"build-{name}-{ratio}"}))
@@ -111,6 +111,20 @@ def main() -> None:
                     "label": ONE_SHOT[name][0], "ratio": ratio, "calibration": cal,
                     "build": f"build-{key}"}))
     print(table(rows, runner, args))
+
+
+def steps(summary: dict) -> dict:
+    """What a compress build row keeps of the command's JSON: its steps' seconds and status
+    (the solve report, with every layer's ranks and scores, stays in the output's
+    solve_report.json)."""
+    return {k: summary.get(k) for k in ("seconds", "threads", "status", "steps")}
+
+
+def fresh(out: Path) -> list[str]:
+    """--overwrite unless a stopped compress left its work directory: a build that was
+    interrupted (hours for a 0.5B model) resumes where it stopped; its record then holds the
+    cost of the resumed part only."""
+    return [] if (out.with_name(out.name + ".work") / "compress.json").is_file() else ["--overwrite"]
 
 
 def scores(work: Path, name: str, cal: str) -> list[str]:

@@ -71,7 +71,7 @@ class Runner:
                 row = json.loads(line)
                 self.cache[row["key"]] = row
 
-    def run(self, key: str, argv: list[str], json_out: bool = False, force: bool = False) -> dict | None:
+    def run(self, key: str, argv: list[str], json_out=False, force: bool = False) -> dict | None:
         if key in self.cache and not force:
             return self.cache[key]
         shown = " ".join(shlex.quote(a) for a in (
@@ -93,8 +93,9 @@ class Runner:
             raise SystemExit(f"{key} failed with exit code {proc.returncode}: {shown}")
         row = {"key": key, "command": shown, "seconds": round(seconds, 1),
                "cpu_seconds": round(cpu, 1), "peak_rss_mib": _peak_rss_mib(err)}
-        if json_out:
-            row["result"] = json.loads(out)
+        if json_out:  # True: the command's whole JSON; a function: the part it returns
+            got = json.loads(out)
+            row["result"] = json_out(got) if callable(json_out) else got
         self.cache[key] = row
         with self.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
