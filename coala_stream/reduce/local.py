@@ -168,16 +168,13 @@ class Run:
     def save(self, job: Job, next_chunk: int, seconds: float, at_group=None) -> None:
         """Write the job's state after ``next_chunk`` chunks (atomically; complete at the end);
         ``at_group``: (chunk, `Partial`) at the last group boundary, kept beside it."""
-        info = job.info
         group = {} if at_group is None else {"group_chunk": at_group[0]}
-        res.write_result(job.path, job.part, {
-            "input": job.name, "n": info.n,
-            "fingerprint": self.store.fingerprint(job.name, upto=next_chunk),
-            "next_chunk": next_chunk, "chunks": info.num_chunks, "tokens": job.part.tokens,
-            "complete": next_chunk == info.num_chunks, "dtype": self.cfg.dtype,
-            "device": self.device_label, "threads": torch.get_num_threads(),
-            "seconds": round(seconds, 3), "settings": job.settings, **group},
-            at_group=None if at_group is None else at_group[1])
+        meta = res.result_meta(job.info, job.part, next_chunk=next_chunk,
+                               fingerprint=self.store.fingerprint(job.name, upto=next_chunk),
+                               settings=job.settings, dtype=self.cfg.dtype,
+                               device=self.device_label, seconds=seconds)
+        res.write_result(job.path, job.part, {**meta, **group},
+                         at_group=None if at_group is None else at_group[1])
 
     def summary(self, job: Job, seconds: float) -> dict:
         done = range(0) if job.action == "skipped" else range(job.start, job.info.num_chunks)

@@ -97,6 +97,18 @@ def write_result(path: Path, part, meta: dict, at_group=None) -> None:
     checkpoint.save_state(path, tensors, {**meta, "tool_version": __version__})
 
 
+def result_meta(info, part, *, next_chunk: int, fingerprint: str, settings: dict, dtype: str,
+                device: str, seconds: float, chunks: int | None = None) -> dict:
+    """The metadata of a result after ``next_chunk`` of ``chunks`` (default: the input's
+    committed chunks; more for a result written ahead of its commit)."""
+    chunks = info.num_chunks if chunks is None else chunks
+    return {"input": info.name, "n": info.n, "fingerprint": fingerprint,
+            "next_chunk": next_chunk, "chunks": chunks, "tokens": part.tokens,
+            "complete": next_chunk == chunks, "dtype": dtype, "device": device,
+            "threads": torch.get_num_threads(), "seconds": round(seconds, 3),
+            "settings": settings}
+
+
 def _tensors(part) -> dict:
     tensors = {"R": part.R, "abs_sum": part.abs_sum}
     if part.gram is not None:

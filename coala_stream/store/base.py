@@ -14,6 +14,7 @@ Format 1 stores (a JSON list in the attributes) are read as before.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from functools import cached_property
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -223,12 +224,23 @@ class Store(CommitProtocol, ABC):
             )
         return fmt.from_stored(a, str(info.dtype).removeprefix("torch."))
 
-    def fingerprint(self, name: str, upto: int | None = None) -> str:
+    def fingerprint(self, name: str, upto: int | None = None,
+                    ahead: Sequence[int] | None = None) -> str:
         """Identity of the first `upto` committed chunks of `name` (all if None): what checkpoints match.
 
         Built from the store uuid, n, dtype, chunk_tokens and the chunks' crc32s; reading no data.
+        ``ahead``: every chunk's crc32 once whole chunks not yet committed are (a reduce result
+        written before the commit of what it folded: `commit_folded`); the fingerprint the
+        store will give then.
         """
         info = self.input(name)
+        if ahead is not None:
+            crcs = [int(c) & 0xFFFFFFFF for c in ahead]
+            if crcs[:info.num_chunks] != info.chunk_crc32:
+                raise StoreError(f"input {name!r}: the checksums given for a later commit change "
+                                 f"its {info.num_chunks} committed chunks")
+            info = replace(info, tokens=len(crcs) * info.chunk_tokens, num_chunks=len(crcs),
+                           chunk_crc32=crcs)
         upto = info.num_chunks if upto is None else int(upto)
         if not 0 <= upto <= info.num_chunks:
             raise StoreError(

@@ -51,6 +51,22 @@ class CommitProtocol:
         self._update_root_attrs({"capture": capture})
         self._flush()
 
+    @deferring
+    def commit_folded(self, name: str, crcs: Sequence[int], samples_done: int = 0) -> None:
+        """Commit whole chunks of ``name`` that were folded in memory and never written (a
+        propagating capture that drops its activations: `sequential.infold`): ``crcs`` are
+        the checksums of all its chunks, as `commit` takes them. The chunks are recorded as
+        dropped before anything else, so no reader takes the missing rows for data; then the
+        array's shape and the commit as `commit` writes it."""
+        self._need_writable("commit_folded")
+        info = self.input(name)
+        tokens = len(crcs) * info.chunk_tokens
+        self._set_input_attrs(name, {"dropped_chunks": len(crcs)})
+        self._committed.pop(name, None)  # the cached record's `dropped` is stale now
+        if self._rows(name) < tokens:
+            self._resize(name, self._grown_rows(tokens))
+        self.commit(samples_done, {name: (tokens, crcs)})
+
     def _check_commit(self, name: str, tokens: int, crcs: Sequence[int], complete: bool):
         info = self.input(name)
         ct, k = info.chunk_tokens, info.num_chunks
