@@ -85,9 +85,9 @@ class CompressConfig:
                 "with --objective output); default: OUT.work beside the output", "metavar": "DIR"})
     keep_activations: bool = field(default=False, metadata={
         "help": "keep every input's activations in the propagating capture's store; by default "
-                "each input's chunks are deleted once its R is saved (capture "
-                "--drop-activations), so the disk holds about one group's activations, not the "
-                "whole calibration's (twice it with --objective output)"})
+                "each group's rows are folded into its R in memory and never written (capture "
+                "--drop-activations), so the disk holds the R's, not the whole calibration's "
+                "activations (twice them with --objective output)"})
     keep_work: bool = field(default=False, metadata={
         "help": "keep the work directory (the stores, their R factors and applied factors) "
                 "after the output is written"})

@@ -69,9 +69,11 @@ class SequentialConfig(CaptureConfig):
     refine_lr: float = field(default=1e-4, metadata={
         "help": "with --refine-steps: Adam's learning rate", "metavar": "LR", "group": "compression while capturing (--sequential --propagate)"})
     drop_activations: bool = field(default=False, metadata={
-        "help": "with --propagate: delete each input's activations from the store once its R is "
-                "saved (zarr only), so a large model never needs every block's calibration on "
-                "disk at once; solve still works, reduce --restart no longer can", "group": "compression while capturing (--sequential --propagate)"})
+        "help": "with --propagate: keep no activations in the store (zarr only): each group's "
+                "rows are folded into its R as they are made, in reduce's groups (the same R), "
+                "and never written; only their checksums are committed. Saves the disk and the "
+                "store's write, read-back and delete; solve still works, reduce --restart no "
+                "longer can", "group": "compression while capturing (--sequential --propagate)"})
 
     def propagate_settings(self) -> dict | None:
         """The compression --propagate applies ({method, ratio, rank, ranks, mu, objective,

@@ -46,6 +46,7 @@ from ..reduce import DTYPES, Partial, ReduceConfig, fold_group, read_result, run
 from ..solve import Layer, SolveConfig, factor_layers
 from ..blocks import BlockModel
 from .config import SequentialConfig
+from .infold import GroupFold
 from .original import OUTPUT, OriginalRows
 from .passes import probe_block, save_pending
 from .refine import refine_block
@@ -336,9 +337,15 @@ def capture_group(run: BlockRun, g: InputGroup) -> int:
     per_chunk = plan.chunk_tokens // seq_len
     cap_start = info.tokens // seq_len  # whole chunks: a batch boundary
     src = run.rec["src"]
+    # rows that would be dropped once reduced are folded in memory, never written (`infold`)
+    fold = GroupFold.open(store, g.name, reduce_config(plan)) if run.config.drop_activations \
+        else None
+    if fold is not None:
+        info = store.input(g.name)  # as the fold found it (a commit written ahead is rolled forward)
+        cap_start = info.tokens // seq_len
     buffer = ChunkBuffer(plan.chunk_tokens, info.n, dtype, info.num_chunks)
-    writer = ChunkWriter(store, {g.name: list(info.chunk_crc32)}, {g.name: info.n},
-                         dtype.itemsize, 1)
+    writer = None if fold is not None else ChunkWriter(
+        store, {g.name: list(info.chunk_crc32)}, {g.name: info.n}, dtype.itemsize, 1)
     module = run.bw.mods[g.name]
     done_chunks = cap_start // per_chunk
     # a narrow pair's target: the original outputs X W_g^T (no bias: the objective is W's)
@@ -352,20 +359,33 @@ def capture_group(run: BlockRun, g: InputGroup) -> int:
                     x = _original_input(run, g, s)
                     rows = torch.cat([rows, x if Wg is None else x @ Wg.to(x.dtype)], dim=-1)
                 for index, chunk in buffer.add(rows.reshape(-1, info.n)):
-                    writer.put(("chunk", g.name, index, chunk))
+                    if fold is not None:
+                        fold.add(index, chunk)
+                    else:
+                        writer.put(("chunk", g.name, index, chunk))
                 if signals.requested():
                     break  # no commit after a signal: what follows is redone on resume
                 done = min(s + B, samples)
-                while (done_chunks + 1) * per_chunk <= done:
+                while writer is not None and (done_chunks + 1) * per_chunk <= done:
                     done_chunks += 1
                     writer.put(("commit", 0, done_chunks * plan.chunk_tokens, False))
-        writer.close()
+            else:
+                if fold is not None:
+                    fold.flush()  # the last group: it ends at the last whole chunk, as reduce's
+        if writer is not None:
+            writer.close()
     except BaseException:
-        writer.close()  # finish queued commits; a writer error (disk full) replaces this one
+        if writer is not None:
+            writer.close()  # finish queued commits; a writer error (disk full) replaces this one
         raise
+    finally:
+        if fold is not None:
+            run.timing["reduce_seconds"] += fold.seconds
+            run.timing["reduce_cpu_seconds"] = (run.timing.get("reduce_cpu_seconds", 0.0)
+                                                + fold.cpu_seconds)
     signals.check("capture", f"in block {k}, group {g.name} (every committed chunk is kept)")
     save_pending(work, {g.name: buffer}, k)
-    return writer.raw_bytes
+    return 0 if writer is None else writer.raw_bytes
 
 
 def _original_input(run: BlockRun, g: InputGroup, s: int) -> torch.Tensor:
@@ -414,9 +434,13 @@ def reduce_inputs(config: SequentialConfig, plan: Plan, names: list[str] | None)
     """``run_reduce`` with its defaults on the capture's device: ``names`` (exactly) or every
     input; a finished result is skipped, a checkpoint resumed, a longer input extended."""
     pattern = None if names is None else "^(?:" + "|".join(map(re.escape, names)) + ")$"
-    return run_reduce(config.out, ReduceConfig(device=str(plan.device), inputs=pattern,
-                                               threads=plan.compute_threads),
-                      progress=False)
+    return run_reduce(config.out, reduce_config(plan, pattern), progress=False)
+
+
+def reduce_config(plan: Plan, inputs: str | None = None) -> ReduceConfig:
+    """How the capture reduces its inputs (reduce's defaults on the capture's device); the
+    in-memory fold (`infold`) folds with the same, so both give one R."""
+    return ReduceConfig(device=str(plan.device), inputs=inputs, threads=plan.compute_threads)
 
 
 def reduced_input(store, work: WorkDir, name: str, device: torch.device):
