@@ -97,8 +97,17 @@ def test_toy_accuracy_through_lm_eval(tiny, task_root):
     path, _, _ = tiny
     root, flipped = task_root
     files = sorted(root.rglob("*"))
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     res = evaluate_tasks(tasks=["arc_easy", "boolq", "hellaswag"], model=str(path),
                          task_data=str(root))
+    # lm-eval seeds the global generators; the caller's draws go on as if it had not run
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert (np.random.get_state()[1] == states[1]).all() and random.getstate() == states[2]
     assert sorted(root.rglob("*")) == files  # nothing written into the data folder
     arc, boolq, hella = res.tasks["arc_easy"], res.tasks["boolq"], res.tasks["hellaswag"]
     assert (arc["acc"], arc["acc_norm"], arc["documents"]) == (0.5, 0.5, 4)

@@ -109,9 +109,29 @@ def run(model, tokenizer, paths: dict[str, Path], limit: int | None, batch_size:
         # would otherwise be summed in bfloat16
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                   softmax_dtype=torch.float32, add_bos_token=add_bos_token)
-        return simple_evaluate(model=lm, tasks=[group_spec(paths)],
-                               task_manager=task_manager(list(paths)), num_fewshot=0,
-                               limit=limit, log_samples=False)
+        with caller_rng():
+            return simple_evaluate(model=lm, tasks=[group_spec(paths)],
+                                   task_manager=task_manager(list(paths)), num_fewshot=0,
+                                   limit=limit, log_samples=False)
+
+
+@contextmanager
+def caller_rng():
+    """The process's random generators (Python's, numpy's, torch's CPU one) as they were:
+    ``simple_evaluate`` seeds all three for its own reproducibility, which would silently
+    reseed a program that calls `evaluate_tasks` between its own draws."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def metrics(results: dict, tasks: list[str]) -> dict[str, dict]:
