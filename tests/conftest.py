@@ -94,6 +94,21 @@ def tiny_arch_dir(tmp_path_factory, tiny_tokenizer_dir):
     return make
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT as an interactive shell starts a command (Python's KeyboardInterrupt handler, and
+    SIG_DFL in the commands a test starts): a suite launched in the background (``nohup ...
+    &``) inherits SIGINT ignored, which the CLI rightly keeps, so a test of what SIGINT does
+    must set it first."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matrices: one thread is fastest, and immune to other processes on shared cores.

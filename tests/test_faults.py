@@ -239,7 +239,8 @@ def test_a_truncated_input_zarr_json_is_one_line_in_status_and_reduce(reduced, t
 
 
 @pytest.mark.parametrize("sig, codes", [(signal.SIGTERM, (143, 75)), (signal.SIGINT, (130, 75))])
-def test_an_interrupt_during_start_up_is_one_line(tiny_model_dir, text_file, tmp_path, sig, codes):
+def test_an_interrupt_during_start_up_is_one_line(tiny_model_dir, text_file, tmp_path, sig, codes,
+                                                  default_sigint):
     """The signal lands while the CLI imports torch and parses (before any stage installed
     its handler) or, on a fast machine, once the capture saves (75): one line either way."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -271,7 +272,8 @@ def _torch_loaded(proc, timeout: float = 60.0) -> bool:
     return True
 
 
-def test_a_signal_while_the_interpreter_shuts_down_keeps_the_command_s_exit_code(tmp_path):
+def test_a_signal_while_the_interpreter_shuts_down_keeps_the_command_s_exit_code(tmp_path,
+                                                                                default_sigint):
     """Python puts default handlers back while finalizing (torch makes that take seconds):
     SIGTERM/SIGINT there killed a finished command (-15/-2). An atexit sleep stands in for
     the slow shutdown; the command's own code (1: no such store) must come out."""

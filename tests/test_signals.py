@@ -10,6 +10,8 @@ from coala_stream import signals
 from coala_stream.errors import Interrupted
 from coala_stream.signals import StopRequests
 
+pytestmark = pytest.mark.usefixtures("default_sigint")
+
 
 def test_a_signal_after_the_last_safe_point_is_raised_when_the_stage_ends():
     """The defect: recorded during the last group of a reduce, then dropped on exit."""
