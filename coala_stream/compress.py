@@ -1,13 +1,14 @@
 """`coala-stream compress`: capture, reduce, solve (and refinement) in one resumable command.
 
 For people who just want a compressed model. Its defaults are the recipe that measured
-best on SmolLM2-135M (docs/benchmarks.md, "The output objective, ..."): propagation group
-by group with the output objective (alpha = 0.5), uniform ranks, 25 refinement steps per
-block. Steps, each resumable on its own, in a work directory (default ``OUT.work``,
-deleted at the end unless ``--keep-work``):
+best (docs/benchmarks.md, "The output objective, ..." and "The field's protocol on
+SmolLM2 ..."): ranks from the calibration loss (``--allocate loss``), propagation group
+by group with the output objective (alpha = 0.5), 25 refinement steps per block. Steps,
+each resumable on its own, in a work directory (default ``OUT.work``, deleted at the end
+unless ``--keep-work``):
 
-1. with ``--allocate global``: an ordinary (block by block) capture into
-   ``WORK/plain.zarr``, its reduce, and the global allocation of the ranks
+1. with ``--allocate loss`` (the default) or ``global``: an ordinary (block by block)
+   capture into ``WORK/plain.zarr``, its reduce, and the allocation of the ranks
    (`solve.allocate_ranks`, written to ``WORK/ranks.json``): propagation needs every
    rank before block 0 is compressed;
 2. the propagating capture into ``WORK/prop.zarr`` (`sequential.run_sequential`), which
@@ -38,6 +39,7 @@ from .reduce import ReduceConfig, run_reduce
 from .sequential import SequentialConfig, run_sequential
 from .solve import DEFAULT_ALPHA, SolveConfig, allocate_ranks, run_solve
 
+DEFAULT_ALLOCATE = "loss"  # docs/benchmarks.md: the largest gain measured on both models
 MARK = "compress.json"  # marks a work directory as compress's own (it may delete it)
 
 
@@ -74,7 +76,11 @@ class CompressConfig:
     alpha: float | None = _like(SequentialConfig, "alpha")
     mu: float = _like(SequentialConfig, "mu")
     method: str = _like(SequentialConfig, "method")
-    allocate: str = _like(SolveConfig, "allocate")
+    allocate: str | None = _like(SolveConfig, "allocate", default=None, help=(
+        next(f for f in fields(SolveConfig) if f.name == "allocate").metadata["help"]
+        + ". compress's default: loss (measured best on SmolLM2-135M and Qwen2.5-Coder-0.5B "
+        "at ratio 0.2; see the description), uniform with --format peft (an adapter on every "
+        "layer)"))
     rank_multiple: int = _like(SolveConfig, "rank_multiple")
     refine_steps: int = _like(SequentialConfig, "refine_steps", default=25)
     refine_lr: float = _like(SequentialConfig, "refine_lr")
@@ -96,6 +102,10 @@ class CompressConfig:
 
     def work_dir(self) -> Path:
         return Path(self.work) if self.work else Path(self.out).with_name(Path(self.out).name + ".work")
+
+    def __post_init__(self) -> None:
+        if self.allocate is None:  # resolved here, so the work directory records what ran
+            self.allocate = "uniform" if self.format == "peft" else DEFAULT_ALLOCATE
 
     def capture(self, out: Path, propagate: bool, ranks: Path | None = None) -> SequentialConfig:
         """The capture of step 1 (``propagate=False``) or 2."""

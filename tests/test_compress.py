@@ -18,7 +18,9 @@ compress_mod = importlib.import_module("coala_stream.compress")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SMALL = dict(samples=6, seq_len=32, ratio=0.3)
+# uniform ranks: these tests are about the propagation and the command; --allocate loss (the
+# default) is tested end to end in tests/test_loss_allocation.py
+SMALL = dict(samples=6, seq_len=32, ratio=0.3, allocate="uniform")
 
 
 def cfg(model_dir, out, text_file, **kw) -> CompressConfig:
@@ -82,7 +84,7 @@ def test_compress_global_allocation_spends_the_same_budget(tiny_model_dir, text_
 
 def test_compress_usage_errors_before_anything_runs(tiny_model_dir, text_file, tmp_path, capsys):
     base = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
-            "--seq-len", "32"]
+            "--seq-len", "32", "--allocate", "uniform"]
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "keep.txt").write_text("mine")
@@ -113,3 +115,12 @@ def test_compress_drops_activations_unless_asked_to_keep_them(tiny_model_dir, te
             dropped = {st.input(n).dropped for n in st.inputs}
             chunks = {st.input(n).num_chunks for n in st.inputs}
         assert chunks == {2} and dropped == ({0} if keep else {1}), (keep, dropped)
+
+
+def test_the_default_allocation_is_loss_and_uniform_for_an_adapter():
+    from coala_stream.compress import recipe
+
+    assert CompressConfig(out="-").allocate == "loss"
+    assert CompressConfig(out="-", format="peft").allocate == "uniform"  # every layer adapted
+    assert CompressConfig(out="-", allocate="global").allocate == "global"
+    assert "--allocate loss" in recipe()

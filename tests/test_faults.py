@@ -89,7 +89,7 @@ def test_a_resumed_compress_computes_with_the_count_its_work_directory_recorded(
     seen = []
     monkeypatch.setattr(compress, "_steps", lambda *a: seen.append(torch.get_num_threads()) or {})
     cfg = CompressConfig(out=str(tmp_path / "m"), model=str(tiny_model_dir("float32")),
-                         data=str(text_file), samples=4, seq_len=32)
+                         data=str(text_file), samples=4, seq_len=32, allocate="uniform")
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -323,7 +323,8 @@ def test_damaged_or_deleted_applied_factors_are_found_on_resume_and_name_overwri
     from .test_propagate import fail_reduce_of
 
     cfg = CompressConfig(out=str(tmp_path / "m"), model=str(tiny_model_dir("float32")),
-                         data=str(text_file), samples=4, seq_len=32, refine_steps=0)
+                         data=str(text_file), samples=4, seq_len=32, refine_steps=0,
+                         allocate="uniform")
     fail_reduce_of(monkeypatch, "layers.1.mlp.down_proj")  # killed in block 1: block 0 done
     with pytest.raises(RuntimeError, match="injected"):
         run_compress(cfg, progress=False)
@@ -358,7 +359,7 @@ def test_compress_killed_after_its_output_appeared_finishes_on_rerun(tiny_model_
     monkeypatch.setattr(compress, "run_solve", killed_after)
     out = tmp_path / "m"
     argv = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
-            "--seq-len", "32", "--refine-steps", "0", "--out", str(out)]
+            "--seq-len", "32", "--refine-steps", "0", "--allocate", "uniform", "--out", str(out)]
     with pytest.raises(RuntimeError, match="killed after"):
         main(argv)
     model = (out / "model.safetensors").read_bytes()
@@ -377,7 +378,7 @@ def test_a_finished_compress_is_not_taken_for_a_rerun_with_other_settings(tiny_m
     output (it must not be handed the first run's model)."""
     out = tmp_path / "m"
     argv = ["compress", str(tiny_model_dir("float32")), "--data", str(text_file), "--samples", "4",
-            "--seq-len", "32", "--refine-steps", "0", "--keep-work", "--out", str(out),
+            "--seq-len", "32", "--refine-steps", "0", "--allocate", "uniform", "--keep-work", "--out", str(out),
             "--threads", "1"]
     assert main(argv) == 0
     capsys.readouterr()

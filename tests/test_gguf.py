@@ -168,7 +168,8 @@ def test_compress_and_eval_a_gguf_source(source, text_file, tmp_path, capsys):  
     path, _ = source
     out = tmp_path / "c"
     assert main(["compress", str(path), "--data", str(text_file), *SMALL, "--out", str(out),
-                 "--ratio", "0.3", "--refine-steps", "2", "--format", "dense"]) == 0
+                 "--ratio", "0.3", "--refine-steps", "2", "--format", "dense",
+                 "--allocate", "uniform"]) == 0
     capsys.readouterr()
     for model in (path, out):
         assert main(["eval", str(model), "--data", str(text_file), "--seq-len", "32",

@@ -116,7 +116,7 @@ def test_compress_and_eval(qwen, text_file, tmp_path, capsys):  # noqa: F811
     path, _ = qwen
     out = tmp_path / "c"
     assert main(["compress", str(path), "--data", str(text_file), *SMALL, "--out", str(out),
-                 "--ratio", "0.3", "--refine-steps", "2"]) == 0
+                 "--ratio", "0.3", "--refine-steps", "2", "--allocate", "uniform"]) == 0
     capsys.readouterr()
     assert main(["eval", str(out), "--data", str(text_file), "--seq-len", "32",
                  "--max-windows", "2", "--quiet", "--threads", "1"]) == 0

@@ -20,20 +20,18 @@ to the ORIGINAL model's outputs (target T = alpha X + (1 - alpha) Xh), all witho
 a Gram matrix. Killed or preempted (exit 75 after SIGTERM): rerun the same command.
 
 Default recipe: {recipe}.
-Why: it measured best on SmolLM2-135M at --ratio 0.2, calibrated on WikiText-2
-(docs/benchmarks.md, "The output objective ..."): WikiText-2 perplexity 59.07
-against 95.65 for SVD-LLM and for COALA (uniform ranks, same calibration); 62.27
-and 64.41 with --alpha 0.4 and 0.6 (same refinement), 67.70 without the refinement,
-82.34 with global ranks, 139.16 for COALA with global ranks;
-on the same weights in Phi-3's fused layout 59.14 against 92.96 for SVD-LLM.
---allocate loss (ranks from the calibration loss, ZS-SVD's zero-sum rule) scored
-42.66 against 63.08 for these defaults and 99.84 for SVD-LLM in a later draw of the
-same protocol (ratio 0.2, docs/benchmarks.md, "The field's protocol on SmolLM2 ...");
-at ratio 0.4 it is level with them on 2048-token windows (89.76 against 90.23; 97.81
-against 105.29 on 512), at 1.6x the CPU time. It is not the default: measured on one
-model (SmolLM2) only, and its lead shrinks as the ratio grows. Its gradient pass
-runs one block at a time on Llama-style models (2.1 GB peak for SmolLM2's solve,
-6.3 GB whole-model).
+Why: --allocate loss (ranks from the calibration loss: every singular component
+scored by its first-order effect on it, ZS-SVD's zero-sum rule) measured best at
+--ratio 0.2 on both models tried, calibrated on WikiText-2 (docs/benchmarks.md):
+SmolLM2-135M 42.66 against 63.08 with uniform ranks and 99.84 for SVD-LLM (30 x 512
+windows; 38.89, 52.50 and 77.29 on 2048-token ones), Qwen2.5-Coder-0.5B 46.75
+against 61.06 with uniform ranks (original 40.67). At ratio 0.4 on SmolLM2 it is
+level with uniform ranks (89.76 against 90.23 on 2048-token windows, 97.81 against
+105.29 on 512; SVD-LLM 250.03). It costs an ordinary capture and one gradient pass
+more: about 1.6x the CPU time of --allocate uniform, which keeps every layer
+factorized at one ratio. The output objective with alpha 0.5 and the refinement
+measured best before (59.07 against 67.70 without refinement and 62.27 / 64.41
+with alpha 0.4 / 0.6; --allocate global 82.34).
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
 """
 
