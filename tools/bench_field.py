@@ -16,8 +16,9 @@ Protocol (LowRankArena's, where this machine allows):
   tasks, the first ``--limit`` documents of each validation split.
 
 Rows: original, SVD-LLM uniform, COALA uniform and ZS-SVD's one-shot selection on COALA's
-components (``zssvd``: `solve --allocate loss`; plain store), `compress` with its defaults
-and `compress --allocate loss` (``--rows compress-loss``), at each of ``--ratios``.
+components (``zssvd``: `solve --allocate loss`; plain store), `compress --allocate uniform`
+(``--rows compress``: its default before loss-aware ranks) and `compress --allocate loss`
+(``--rows compress-loss``: its default now), at each of ``--ratios``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ ONE_SHOT = {"svdllm": ("SVD-LLM, uniform", ["--method", "svdllm"]),
             # ZS-SVD's one-shot recipe (its first-order scores, zero-sum selection, break-even
             # layers dense) on COALA's components; its correction step is not run
             "zssvd": ("ZS-SVD's selection (`solve --allocate loss`)", ["--allocate", "loss"])}
-COMPRESS = {"compress": ("`compress` with its defaults", []),
-            "compress-loss": ("`compress --allocate loss`", ["--allocate", "loss"])}
+# "compress" was compress's defaults until --allocate loss became the default: its rows (and
+# the records cached under its keys) are uniform ranks, now asked for by name
+COMPRESS = {"compress": ("`compress --allocate uniform`", ["--allocate", "uniform"]),
+            "compress-loss": ("`compress --allocate loss` (its default)", ["--allocate", "loss"])}
 
 
 def main() -> None:
