@@ -16,6 +16,10 @@ unless ``--keep-work``):
 3. `solve.run_solve` of that store with the same settings: it writes exactly the factors
    the capture applied, in ``--format``.
 
+A source without safetensors (a GGUF file, the embedded default) is de-quantised once into
+``WORK/source`` and every step reads its weights from there, block by block
+(`weights.staged_sources`).
+
 A killed run rerun with the same command continues where it stopped: finished stores
 are not captured again, a started one resumes, and the output appears only when complete.
 """
@@ -38,6 +42,7 @@ from .files import write_json
 from .reduce import ReduceConfig, run_reduce
 from .sequential import SequentialConfig, run_sequential
 from .solve import DEFAULT_ALPHA, SolveConfig, allocate_ranks, run_solve
+from .weights import staged_sources
 
 DEFAULT_ALLOCATE = "loss"  # docs/benchmarks.md: the largest gain measured on both models
 MARK = "compress.json"  # marks a work directory as compress's own (it may delete it)
@@ -87,8 +92,10 @@ class CompressConfig:
     format: str = _like(SolveConfig, "format")
     threads: int | None = _like(SolveConfig, "threads")
     work: str | None = field(default=None, metadata={
-        "help": "work directory for the activation stores (twice the calibration's activations "
-                "with --objective output); default: OUT.work beside the output", "metavar": "DIR"})
+        "help": "work directory for the stores (their R factors; with --keep-activations "
+                "the calibration's activations, twice them with --objective output) and, for a "
+                "GGUF source, its weights de-quantised once; default: OUT.work beside the "
+                "output", "metavar": "DIR"})
     keep_activations: bool = field(default=False, metadata={
         "help": "keep every input's activations in the propagating capture's store; by default "
                 "each group's rows are folded into its R in memory and never written (capture "
@@ -193,7 +200,8 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
         say(note)
     write_json(work / MARK, {"out": str(config.out), "threads": threads,
                              "settings": config.recipe_settings()})
-    with torch_threads(threads):
+    # a GGUF (or .bin) source is de-quantised once, into the work directory, for every step
+    with torch_threads(threads), staged_sources(work / "source"):
         return _steps(config, work, say, t0, progress)
 
 

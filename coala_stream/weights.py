@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +32,12 @@ INDEX_FILE = "model.safetensors.index.json"
 AUX_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)"
                        r"|merges\.txt|.*\.model|chat_template\..*|generation_config\.json|"
                        r"preprocessor_config\.json)$")
+# The most bytes of one written safetensors file: the writers (and `save_loaded`) hold one
+# such shard in memory, and safetensors' save_file a second copy of it while writing, so a
+# single 7 GB file of a 1.5B model cost 12 GiB. 1 GiB keeps that far below the model's size.
+SHARD_BYTES = 1 << 30
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2}
 
 
 class LazyWeights:
@@ -52,12 +59,18 @@ class LazyWeights:
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir}")
         self.shard_of: dict[str, str] = {}
+        self.keys_of: dict[str, list[str]] = {}  # each shard's keys, in the file's order
         self._shape: dict[str, tuple[int, ...]] = {}
+        self._nbytes: dict[str, int] = {}
         for shard in self.shards:
             with safe_open(str(self.dir / shard), framework="pt") as f:
-                for key in f.keys():
+                self.keys_of[shard] = list(f.keys())
+                for key in self.keys_of[shard]:
                     self.shard_of[key] = shard
-                    self._shape[key] = tuple(f.get_slice(key).get_shape())
+                    sl = f.get_slice(key)
+                    self._shape[key] = tuple(sl.get_shape())
+                    self._nbytes[key] = (_ITEMSIZE.get(sl.get_dtype(), 1)
+                                         * int(torch.Size(self._shape[key]).numel()))
 
     @staticmethod
     def is_checkpoint(directory: Path) -> bool:
@@ -65,18 +78,22 @@ class LazyWeights:
 
     @classmethod
     def find(cls, spec) -> "LazyWeights | None":
-        """The checkpoint of a `models.ModelSpec` in safetensors format; None for GGUF models
-        and other formats (pytorch_model.bin), which load whole."""
+        """The checkpoint of a `models.ModelSpec` in safetensors format; for GGUF models and
+        other formats (pytorch_model.bin), which load whole, None, or inside `staged_sources`
+        the staged copy."""
         d, gguf_file = spec.resolve()
-        if gguf_file is not None or not cls.is_checkpoint(d):
-            return None
-        return cls(d)
+        if gguf_file is None and cls.is_checkpoint(d):
+            return cls(d)
+        return stage_source(spec, _STAGED[-1]) if _STAGED else None
 
     def __contains__(self, key: str) -> bool:
         return key in self.shard_of
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._shape[key]
+
+    def nbytes(self, key: str) -> int:
+        return self._nbytes[key]
 
     def key(self, name: str) -> str:
         """The checkpoint's name for the model's parameter ``name`` (a checkpoint of the
@@ -127,25 +144,41 @@ class LazyWeights:
 def open_weights(spec, model_config, stage: Path, say=lambda msg: None) -> tuple[LazyWeights, str]:
     """(LazyWeights of the source model, a note for the report or ""): the model's own
     safetensors, or (GGUF, .bin) the model loaded whole by transformers and re-saved as
-    safetensors in ``stage`` (which the caller deletes)."""
-    from . import models
-
+    safetensors in ``stage`` (which the caller deletes), or inside `staged_sources` the
+    staged copy."""
     directory, gguf_file = spec.resolve()
     if gguf_file is None and LazyWeights.is_checkpoint(directory):
         return LazyWeights(directory), ""
-    what = "de-quantising the GGUF weights" if gguf_file else "loading the weights"
-    say(f"{spec.describe()}: {what} (whole model in memory) ...")
+    if _STAGED:
+        source = stage_source(spec, _STAGED[-1], model_config, say)
+        return source, (f"source {spec.describe()} loaded whole once by transformers and "
+                        f"re-saved as safetensors in {source.dir}; weights then read layer by "
+                        f"layer{_staged_mark(source.dir).get('missing', '')}")
+    say(f"{spec.describe()}: {_what(spec)} (whole model in memory) ...")
+    missing = _resave(spec, model_config, stage)
+    return LazyWeights(stage), (f"source {spec.describe()} loaded whole by transformers "
+                                f"({_what(spec)}) and re-saved as safetensors; weights then "
+                                f"read layer by layer{missing}")
+
+
+def _what(spec) -> str:
+    return "de-quantising the GGUF weights" if spec.resolve()[1] else "loading the weights"
+
+
+def _resave(spec, model_config, directory: Path) -> str:
+    """The model loaded whole and saved as safetensors with its tokenizer in ``directory``;
+    "" or what is missing, for the report's note."""
+    from . import models
+
     model = models.load_model(spec, models.resolve_dtype("auto", model_config, spec),
-                              config=model_config)
-    save_loaded(model, stage)
+                              config=model_config, progress=False)
+    save_loaded(model, directory)
     del model
-    note = (f"source {spec.describe()} loaded whole by transformers ({what}) and re-saved "
-            f"as safetensors; weights then read layer by layer")
-    try:
-        models.load_tokenizer(spec).save_pretrained(stage)
+    try:  # the writers copy it into the output, as from a model directory
+        models.load_tokenizer(spec).save_pretrained(directory)
     except CoalaError as exc:
-        note += f"; no tokenizer copied: {exc}"
-    return LazyWeights(stage), note
+        return f"; no tokenizer copied: {exc}"
+    return ""
 
 
 def save_loaded(model, directory: Path) -> None:
@@ -164,11 +197,97 @@ def save_loaded(model, directory: Path) -> None:
         ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if ptr not in seen:
             seen.add(ptr)
-            state[key] = tensor.detach().to("cpu").contiguous()
-    save_safetensors(state, directory / SINGLE_FILE)
+            state[key] = tensor.detach()
+    groups = split_by_size(list(state), lambda k: state[k].numel() * state[k].element_size())
+    names = shard_names(len(groups))
+    for name, group in zip(names, groups):  # one shard's copy at a time, not the model's
+        save_safetensors({k: state[k].to("cpu").contiguous() for k in group}, directory / name)
+    if len(names) > 1:
+        write_json(directory / INDEX_FILE, {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: name for name, group in zip(names, groups) for k in group}})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = config.get("architectures") or [type(model).__name__]
     write_json(directory / "config.json", config)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
+
+
+def split_by_size(keys: list[str], nbytes, limit: int | None = None) -> list[list[str]]:
+    """``keys`` in order, cut into runs of at most ``limit`` bytes (default `SHARD_BYTES`; a
+    larger tensor alone); ``[[]]`` for no keys, so an emptied shard is still one (empty) file."""
+    limit = SHARD_BYTES if limit is None else limit
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        b = nbytes(key)
+        if groups[-1] and size + b > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += b
+    return groups
+
+
+def shard_names(n: int) -> list[str]:
+    """transformers' file names for a checkpoint of ``n`` shards."""
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+_STAGED: list[Path] = []  # the directories of the open `staged_sources` blocks
+STAGED_MARK = "staged.json"
+
+
+@contextmanager
+def staged_sources(directory: str | os.PathLike):
+    """Within this block a source without safetensors (GGUF, ``.bin``) is loaded whole and
+    re-saved once, into ``directory``, and every stage that reads weights (`LazyWeights.find`:
+    the block-by-block captures and gradient pass; `open_weights`: solve) reads that copy:
+    compress de-quantised the embedded GGUF four times, and held the whole model in memory
+    in each capture. The stores still record the source itself."""
+    _STAGED.append(Path(directory))
+    try:
+        yield
+    finally:
+        _STAGED.pop()
+
+
+def stage_source(spec, directory: Path, model_config=None, say=lambda msg: None) -> LazyWeights:
+    """The staged safetensors copy of ``spec`` in ``directory``: made (whole or not at all:
+    written aside, then renamed) unless it is there and was made from the same source files
+    (their paths, sizes and modification times)."""
+    from . import models
+    from .files import write_json
+
+    directory = Path(directory)
+    made_from = {"source": spec.to_attrs(), "files": _identity(spec)}
+    mark = _staged_mark(directory)
+    if {k: mark.get(k) for k in made_from} == made_from:
+        return LazyWeights(directory)
+    say(f"{spec.describe()}: {_what(spec)} (whole model in memory, once) into {directory} ...")
+    aside = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(aside, ignore_errors=True)
+    config = model_config if model_config is not None else models.load_config(spec)
+    missing = _resave(spec, config, aside)
+    write_json(aside / STAGED_MARK, {**made_from, **({"missing": missing} if missing else {})})
+    shutil.rmtree(directory, ignore_errors=True)
+    aside.rename(directory)
+    return LazyWeights(directory)
+
+
+def _staged_mark(directory: Path) -> dict:
+    try:
+        mark = json.loads((Path(directory) / STAGED_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
+    return mark if isinstance(mark, dict) else {}
+
+
+def _identity(spec) -> list:
+    """(name, size, mtime_ns) of the source's files: a changed source is staged again."""
+    d, gguf_file = spec.resolve()
+    files = [d / gguf_file] if gguf_file else sorted(p for p in d.iterdir() if p.is_file())
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]

@@ -171,6 +171,71 @@ def test_sharded_source_round_trips(tiny_model_dir, tmp_path):
         torch.testing.assert_close(fac(IDS).logits, dense(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_single_file_source_over_the_shard_limit_is_written_in_pieces(tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    """A 7 GB model.safetensors once cost the writer 12 GiB: a source shard larger than
+    SHARD_BYTES is read and written in pieces, with the same tensors as in one file."""
+    from coala_stream import weights
+
+    src = tiny_model_dir()
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    names = linear_names(model)
+    Rs = activation_factors(model, names, batches=2)
+    ranks = {n: 8 for n in names}
+    whole = {fmt: tmp_path / f"{fmt}-whole" for fmt in ("factorized", "dense", "peft")}
+    for fmt, out in whole.items():
+        write(fmt, src, out, ranks, Rs)
+    assert not (whole["dense"] / export.INDEX_FILE).exists()
+    read_shards = []
+    original_read = LazyWeights.read
+    monkeypatch.setattr(LazyWeights, "read", lambda self, keys: read_shards.append(
+        sum(self.nbytes(k) for k in keys)) or original_read(self, keys))
+    monkeypatch.setattr(weights, "SHARD_BYTES", 40_000)
+    for fmt, out in whole.items():
+        pieces = tmp_path / f"{fmt}-pieces"
+        write(fmt, src, pieces, ranks, Rs)
+        base = "base/" if fmt == "peft" else ""
+        index = json.loads((pieces / f"{base}{export.INDEX_FILE}").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        split = {}
+        for f in files:
+            split.update(load_file(pieces / base / f))
+        one = load_file(out / base / "model.safetensors")
+        assert split.keys() == one.keys() == index["weight_map"].keys()
+        assert all(torch.equal(split[k], one[k]) for k in one)
+    largest = max(LazyWeights(src).nbytes(k) for k in LazyWeights(src).shard_of)
+    assert max(read_shards) <= max(40_000, largest)  # a piece, or one tensor over the limit
+    assert sum(read_shards) > 3 * 40_000 * 2  # each format read the whole model, in pieces
+    fac = export.load_model(tmp_path / "factorized-pieces")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense-pieces")
+    with torch.no_grad():
+        torch.testing.assert_close(fac(IDS).logits, dense(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_loaded_writes_shards_under_the_limit(tiny_model_dir, tmp_path, monkeypatch):
+    from coala_stream import weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir()).eval()
+    monkeypatch.setattr(weights, "SHARD_BYTES", 40_000)
+    weights.save_loaded(model, tmp_path / "saved")
+    source = LazyWeights(tmp_path / "saved")
+    assert source.sharded and len(source.shards) > 2
+    assert all(sum(source.nbytes(k) for k in source.keys_of[s]) <= 40_000
+               or len(source.keys_of[s]) == 1 for s in source.shards)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, model(IDS).logits)
+
+
+def test_split_by_size_keeps_order_and_an_empty_shard():
+    sizes = {"a": 5, "b": 5, "c": 20, "d": 1}
+    from coala_stream.weights import split_by_size
+
+    assert split_by_size(list(sizes), sizes.get, 10) == [["a", "b"], ["c"], ["d"]]
+    assert split_by_size([], sizes.get, 10) == [[]]
+
+
 def test_low_rank_linear_computes_a_of_b():
     layer = export.LowRankLinear(6, 5, 2, bias=True)
     x = torch.randn(3, 6)

