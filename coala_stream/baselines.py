@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from .errors import UsageError
-from .linalg import check_matrix, check_rank
+from .linalg import check_matrix, check_rank, svd
 
 
 class NumericalFallbackWarning(RuntimeWarning):
@@ -41,7 +41,7 @@ def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     check_matrix("W", W)
     check_rank(rank, *W.shape)
     Wf = W.to(torch.promote_types(W.dtype, torch.float32))
-    U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+    U, S, Vh = svd(Wf)
     return _split(U[:, :rank], S[:rank], Vh[:rank])
 
 
@@ -69,7 +69,7 @@ def svdllm_factors(
     G = gram.to(dtype)
     S = _damped_cholesky(G, max_damping_tries)
     Wd = W.to(dtype)
-    U, sig, Vh = torch.linalg.svd(Wd @ S, full_matrices=False)
+    U, sig, Vh = svd(Wd @ S)
     S_inv = torch.linalg.inv(S)
     return _split(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv)
 
@@ -97,7 +97,7 @@ def asvd_factors(
     dtype = torch.promote_types(W.dtype, torch.float32)
     scale = abs_mean.to(dtype).pow(alpha)
     scale = torch.clamp(scale, min=float(scale.max()) * 1e-6 if float(scale.max()) > 0 else 1.0)
-    U, S, Vh = torch.linalg.svd(W.to(dtype) * scale, full_matrices=False)
+    U, S, Vh = svd(W.to(dtype) * scale)
     return _split(U[:, :rank], S[:rank], Vh[:rank] / scale)
 
 
@@ -150,7 +150,7 @@ def aasvd_factors(
         WT = Wd @ (alpha * G[n:, :n] + (1.0 - alpha) * C)  # W T^T Xh
     S = _damped_cholesky(C, max_damping_tries)
     S_inv_T = torch.linalg.inv(S.T)
-    U, sig, Vh = torch.linalg.svd(WT @ S_inv_T, full_matrices=False)
+    U, sig, Vh = svd(WT @ S_inv_T)
     return _split(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv_T.T)
 
 

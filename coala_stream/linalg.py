@@ -135,6 +135,28 @@ def regularize_r(R: torch.Tensor, mu: float) -> torch.Tensor:
     return fold_block(R, eye)
 
 
+def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(M, full_matrices=False)``, made to converge.
+
+    LAPACK's divide-and-conquer SVD (gesdd, torch's only driver on the CPU) can stop with "failed
+    to converge" on a valid matrix (a 1.5B model's residual W - A A^T W, float32, with 512
+    calibration tokens). Then the SVD is taken of the triangular factor of M's QR, in float64
+    (M = Q T, T = U' S V^T, so U = Q U'): the same singular triplets, a better-scaled problem.
+    Results come back in M's dtype. LinAlgError only if that fails too.
+    """
+    try:
+        return torch.linalg.svd(M, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = M.shape[0] < M.shape[1]
+    Q, T = torch.linalg.qr((M.mT if wide else M).to(torch.float64))
+    U, S, Vh = torch.linalg.svd(T, full_matrices=False)
+    U = Q @ U
+    if wide:  # M^T = U S Vh, so M = Vh^T S U^T
+        U, Vh = Vh.mT, U.mT
+    return U.to(M.dtype), S.to(M.dtype), Vh.to(M.dtype)
+
+
 def coala_svd(
     W: torch.Tensor, R: torch.Tensor, mu: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +169,7 @@ def coala_svd(
     """
     W, R = _check_w_r(W, R)
     R = regularize_r(R, mu)
-    U, S, _ = torch.linalg.svd(W @ R.T, full_matrices=False)
+    U, S, _ = svd(W @ R.T)
     return U, S
 
 
@@ -203,7 +225,7 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
         raise UsageError(f"B: expected {A.shape[1]} rows to match A's columns, got {B.shape[0]}")
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     Q, P = torch.linalg.qr(A.to(dtype))
-    U, S, Vh = torch.linalg.svd(P @ B.to(dtype), full_matrices=False)
+    U, S, Vh = svd(P @ B.to(dtype))
     root = S.sqrt()
     return (Q @ U) * root, root.unsqueeze(1) * Vh
 
@@ -348,7 +370,7 @@ def residual_directions(W: torch.Tensor, A: torch.Tensor, count: int) -> torch.T
     the residual's nonzero directions, already orthogonal to A, are kept (up to sign).
     """
     residual = W - A @ (A.T @ W)
-    U, _, _ = torch.linalg.svd(residual, full_matrices=False)
+    U, _, _ = svd(residual)
     k = A.shape[1]
     Q, _ = torch.linalg.qr(torch.cat([A, U], dim=1), mode="complete" if k + U.shape[1] > W.shape[0] else "reduced")
     return Q[:, k:k + count]

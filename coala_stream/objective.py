@@ -52,7 +52,7 @@ import math
 import torch
 
 from .errors import UsageError
-from .linalg import check_matrix, check_mu, check_rank, fold_block, residual_directions
+from .linalg import check_matrix, check_mu, check_rank, fold_block, residual_directions, svd
 
 
 __all__ = [
@@ -362,7 +362,7 @@ class OutputProblem:
         R11, R12 = self.working(W)
         W = W.to(R11.dtype)
         if self.alpha == 0.0:
-            U, S, Vh = torch.linalg.svd(W @ R11.T, full_matrices=False)
+            U, S, Vh = svd(W @ R11.T)
             return U, S, Vh.T
         if self.outputs is None:
             G = W @ ((1.0 - self.alpha) * R11 + self.alpha * R12).T
@@ -371,9 +371,9 @@ class OutputProblem:
             G = (1.0 - self.alpha) * (W @ R11.T) + self.alpha * C12.T
         P1 = self._solver(W)[2]
         if P1 is None:
-            U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+            U, S, Vh = svd(G)
             return U, S, Vh.T
-        U, S, Vh = torch.linalg.svd(G @ P1, full_matrices=False)
+        U, S, Vh = svd(G @ P1)
         return U, S, P1 @ Vh.T
 
     def factors(self, W: torch.Tensor, rank: int, *, return_singular_values: bool = False,
@@ -452,7 +452,7 @@ class OutputProblem:
             if _nonsingular(R11, rtol):
                 self._solvers[key] = (shift, _triangular_solve(R11), None)
             else:
-                P1, sig, Q1h = torch.linalg.svd(R11, full_matrices=False)
+                P1, sig, Q1h = svd(R11)
                 keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
                 p = int(keep.sum())
                 self._solvers[key] = (shift, _range_solve(P1[:, :p], sig[:p], Q1h[:p].T),

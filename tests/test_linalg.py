@@ -437,3 +437,40 @@ def test_residual_directions_are_orthogonal_to_A_for_a_rank_deficient_W():
     extra = residual_directions(W, A[:, :2], 4)
     assert torch.allclose(A[:, :2].T @ extra, torch.zeros(2, 4, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(extra.T @ extra, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
+def test_svd_falls_back_when_lapack_does_not_converge(shape, monkeypatch):
+    """gesdd stopped a 1.5B solve with "failed to converge" after 21 minutes; the fallback
+    (the SVD of the QR's triangle, in float64) gives the same singular triplets."""
+    from coala_stream import linalg
+
+    g = torch.Generator().manual_seed(3)
+    U0, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), dtype=torch.float64, generator=g))
+    V0, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), dtype=torch.float64, generator=g))
+    S0 = torch.logspace(0, -12, min(shape), dtype=torch.float64)  # ill-conditioned, tiny tail
+    S0[5:8] = S0[5]  # repeated singular values
+    M = ((U0 * S0) @ V0.T).float()
+    assert torch.equal(linalg.svd(M)[1], torch.linalg.svd(M, full_matrices=False)[1])
+    real, calls = torch.linalg.svd, []
+
+    def failing(A, full_matrices=True, **kw):
+        calls.append(A.dtype)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(A, full_matrices=full_matrices, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    U, S, Vh = linalg.svd(M)
+    assert calls == [torch.float32, torch.float64]
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert U.shape == (shape[0], min(shape)) and Vh.shape == (min(shape), shape[1])
+    ref = torch.linalg.svd(M.double(), full_matrices=False)
+    torch.testing.assert_close(S.double(), ref[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close((U * S) @ Vh, M, atol=1e-6, rtol=0)
+    eye = torch.eye(min(shape))
+    torch.testing.assert_close(U.T @ U, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(Vh @ Vh.T, eye, atol=1e-5, rtol=0)
+    # the leading, well-separated directions agree with the float64 reference up to sign
+    top = (U[:, :4].double().T @ ref[0][:, :4]).diagonal().abs()
+    torch.testing.assert_close(top, torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
