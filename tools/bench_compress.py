@@ -3,13 +3,14 @@
 Runs ``coala-stream compress`` as a child process on the embedded SmolLM2-135M (or
 ``--model``) with ``--samples`` x ``--seq-len`` calibration tokens of WikiText-2
 (``wiki.test.raw`` from line ``--calib-from`` on, written to a temporary file), ratio
-0.2, ``--refine-steps 0`` and one thread by default, and reports:
+0.2, ``--refine-steps 0``, ``--allocate uniform`` and one thread by default, and reports:
 
 - the CPU seconds of the whole command (user + system of the child, from
   ``resource.getrusage(RUSAGE_CHILDREN)``: model loading included);
 - the CPU seconds of one forward pass of the same model over the same calibration
   tokens on one thread, measured in this same run (best of ``--forward-repeats``);
 - their ratio: the command's cost in *forward passes*, the unit of issue 25;
+- the peak RSS of the compress child (``ru_maxrss``);
 - compress's own per-step seconds from its ``--json`` summary (``reduce_seconds``,
   ``solve_seconds``, ``refine_seconds``, the capture's and solve's wall seconds) and, where
   compress reports them, the same steps' CPU seconds (``*_cpu_seconds``; the propagating
@@ -54,6 +55,7 @@ def run_compress(args, calib: Path, out: Path, env: dict) -> tuple[dict, float, 
     cmd = [sys.executable, "-m", "coala_stream", "compress", "--out", str(out),
            "--data", str(calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len),
            "--ratio", str(args.ratio), "--refine-steps", str(args.refine_steps),
+           "--allocate", args.allocate,
            "--threads", str(args.threads), "--json", "--quiet", "--overwrite"]
     if args.model:
         cmd[4:4] = [str(args.model)]
@@ -61,9 +63,11 @@ def run_compress(args, calib: Path, out: Path, env: dict) -> tuple[dict, float, 
     cpu0, t0 = child_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     wall, cpu = time.perf_counter() - t0, child_cpu() - cpu0
+    # the largest child so far: compress runs before the forward's child (which loads whole)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if proc.returncode != 0:
         sys.exit(f"compress failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), cpu, wall
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "peak_rss_mib": peak}, cpu, wall
 
 
 FORWARD = """
@@ -119,6 +123,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--refine-steps", type=int, default=0)
+    ap.add_argument("--allocate", default="uniform", choices=["uniform", "global", "loss"],
+                    help="compress --allocate (default uniform: the issue's measurement; "
+                         "compress's own default is loss)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--forward-repeats", type=int, default=3)
     ap.add_argument("--label", default="", help="a name for this measurement in the output")
@@ -134,12 +141,14 @@ def main() -> None:
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_compress.") as tmp:
         calib = calibration_file(args.wiki, args.calib_from, Path(tmp))
-        fwd = forward_cpu(args, calib, {**env, "OMP_NUM_THREADS": "1"})
         summary, cpu, wall = run_compress(args, calib, args.keep or Path(tmp) / "out", env)
+        fwd = forward_cpu(args, calib, {**env, "OMP_NUM_THREADS": "1"})
     result = {"label": args.label, "model": args.model or "embedded SmolLM2-135M",
               "samples": args.samples, "seq_len": args.seq_len, "ratio": args.ratio,
-              "refine_steps": args.refine_steps, "threads": args.threads,
-              "compress_cpu_seconds": cpu, "compress_wall_seconds": wall, **fwd,
+              "refine_steps": args.refine_steps, "allocate": args.allocate,
+              "threads": args.threads, "compress_cpu_seconds": cpu,
+              "compress_wall_seconds": wall, "compress_peak_rss_mib": summary["peak_rss_mib"],
+              **fwd,
               "forward_passes": cpu / fwd["forward_cpu_seconds"], "steps": steps_of(summary),
               "load_before": load0, "load_after": os.getloadavg(),
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
