@@ -18,6 +18,7 @@ recorded as ``path: null`` so that it resolves again in another environment.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -263,10 +264,11 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     if config is not None:
         kwargs["config"] = config
     bars = hf_logging.is_progress_bar_enabled()
-    if not (progress and sys.stderr.isatty()):
+    quiet = not (progress and sys.stderr.isatty())
+    if quiet:
         hf_logging.disable_progress_bar()
     try:
-        with offline():
+        with offline(), _gguf_bar_hidden(quiet and gguf_file is not None):
             model = AutoModelForCausalLM.from_pretrained(d, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CoalaError(f"cannot load the model {spec.describe()}: {exc}") from exc
@@ -277,6 +279,27 @@ def load_model(spec: ModelSpec, dtype, device="cpu", config=None, progress: bool
     model.eval()
     model.requires_grad_(False)
     return model.to(device)
+
+
+@contextmanager
+def _gguf_bar_hidden(hide: bool):
+    """transformers' GGUF de-quantisation draws its own tqdm bar, which its
+    ``disable_progress_bar`` does not reach: under ``--quiet`` or in a batch log it printed
+    one per load. Hidden by handing that module a tqdm that is disabled."""
+    if not hide:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    shown = getattr(gguf_utils, "tqdm", None)
+    if shown is None:  # another transformers layout: nothing to hide
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(shown, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = shown
 
 
 def resolve_dtype(name: str, config, spec: ModelSpec) -> str:

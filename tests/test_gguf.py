@@ -236,3 +236,11 @@ def test_a_staged_source_is_reused_until_its_file_changes(source, tmp_path, monk
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert len(loads) == 2
+
+
+def test_a_quiet_load_draws_no_gguf_bar(source, capfd):
+    """transformers' GGUF conversion bar ignores its own disable_progress_bar: a --quiet
+    compress printed it once per load."""
+    path, _ = source
+    models.load_model(models.ModelSpec.from_args(str(path)), "float32", progress=False)
+    assert "GGUF" not in capfd.readouterr().err
