@@ -201,7 +201,7 @@ def run_compress(config: CompressConfig, progress: bool = True) -> dict:
     write_json(work / MARK, {"out": str(config.out), "threads": threads,
                              "settings": config.recipe_settings()})
     # a GGUF (or .bin) source is de-quantised once, into the work directory, for every step
-    with torch_threads(threads), staged_sources(work / "source"):
+    with torch_threads(threads), staged_sources(work / "source", say):
         return _steps(config, work, say, t0, progress)
 
 

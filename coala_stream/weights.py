@@ -84,7 +84,7 @@ class LazyWeights:
         d, gguf_file = spec.resolve()
         if gguf_file is None and cls.is_checkpoint(d):
             return cls(d)
-        return stage_source(spec, _STAGED[-1]) if _STAGED else None
+        return stage_source(spec, *_STAGED[-1]) if _STAGED else None
 
     def __contains__(self, key: str) -> bool:
         return key in self.shard_of
@@ -150,7 +150,7 @@ def open_weights(spec, model_config, stage: Path, say=lambda msg: None) -> tuple
     if gguf_file is None and LazyWeights.is_checkpoint(directory):
         return LazyWeights(directory), ""
     if _STAGED:
-        source = stage_source(spec, _STAGED[-1], model_config, say)
+        source = stage_source(spec, _STAGED[-1][0], say, model_config)
         return source, (f"source {spec.describe()} loaded whole once by transformers and "
                         f"re-saved as safetensors in {source.dir}; weights then read layer by "
                         f"layer{_staged_mark(source.dir).get('missing', '')}")
@@ -182,7 +182,8 @@ def _resave(spec, model_config, directory: Path) -> str:
 
 
 def save_loaded(model, directory: Path) -> None:
-    """Save an in-memory model as a plain single-file safetensors checkpoint.
+    """Save an in-memory model as a plain safetensors checkpoint (one file, or shards of at
+    most `SHARD_BYTES` with their index).
 
     For sources transformers will not re-save (a de-quantised GGUF model is
     still flagged as quantized) or that are not safetensors. Tensors sharing
@@ -237,25 +238,26 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-_STAGED: list[Path] = []  # the directories of the open `staged_sources` blocks
+_STAGED: list[tuple[Path, object]] = []  # (directory, say) of the open `staged_sources` blocks
 STAGED_MARK = "staged.json"
 
 
 @contextmanager
-def staged_sources(directory: str | os.PathLike):
+def staged_sources(directory: str | os.PathLike, say=lambda msg: None):
     """Within this block a source without safetensors (GGUF, ``.bin``) is loaded whole and
     re-saved once, into ``directory``, and every stage that reads weights (`LazyWeights.find`:
     the block-by-block captures and gradient pass; `open_weights`: solve) reads that copy:
-    compress de-quantised the embedded GGUF four times, and held the whole model in memory
-    in each capture. The stores still record the source itself."""
-    _STAGED.append(Path(directory))
+    compress de-quantised the embedded GGUF in each of its steps, and held the whole model in
+    memory in each capture. The stores still record the source itself. ``say`` hears when the
+    copy is made (minutes for a 1.5B GGUF)."""
+    _STAGED.append((Path(directory), say))
     try:
         yield
     finally:
         _STAGED.pop()
 
 
-def stage_source(spec, directory: Path, model_config=None, say=lambda msg: None) -> LazyWeights:
+def stage_source(spec, directory: Path, say=lambda msg: None, model_config=None) -> LazyWeights:
     """The staged safetensors copy of ``spec`` in ``directory``: made (whole or not at all:
     written aside, then renamed) unless it is there and was made from the same source files
     (their paths, sizes and modification times)."""
