@@ -171,7 +171,7 @@ def _resave(spec, model_config, directory: Path) -> str:
     from . import models
 
     model = models.load_model(spec, models.resolve_dtype("auto", model_config, spec),
-                              config=model_config, progress=False)
+                              config=model_config)
     save_loaded(model, directory)
     del model
     try:  # the writers copy it into the output, as from a model directory
@@ -204,9 +204,8 @@ def save_loaded(model, directory: Path) -> None:
     for name, group in zip(names, groups):  # one shard's copy at a time, not the model's
         save_safetensors({k: state[k].to("cpu").contiguous() for k in group}, directory / name)
     if len(names) > 1:
-        write_json(directory / INDEX_FILE, {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: name for name, group in zip(names, groups) for k in group}})
+        write_index(directory, {k: name for name, group in zip(names, groups) for k in group},
+                    sum(t.numel() * t.element_size() for t in state.values()))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = config.get("architectures") or [type(model).__name__]
@@ -229,6 +228,14 @@ def split_by_size(keys: list[str], nbytes, limit: int | None = None) -> list[lis
         groups[-1].append(key)
         size += b
     return groups
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """transformers' index of a sharded checkpoint: which file holds each tensor."""
+    from .files import write_json
+
+    write_json(Path(directory) / INDEX_FILE, {"metadata": {"total_size": total_size},
+                                              "weight_map": dict(sorted(weight_map.items()))})
 
 
 def shard_names(n: int) -> list[str]:

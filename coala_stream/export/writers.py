@@ -29,7 +29,7 @@ import torch
 
 from .._version import __version__
 from ..files import save_safetensors, write_json
-from ..weights import INDEX_FILE, LazyWeights, shard_names, split_by_size
+from ..weights import LazyWeights, shard_names, split_by_size, write_index
 from .remote_code import remote_code
 
 SECTION = "coala_stream"  # the config.json key of our metadata
@@ -96,9 +96,7 @@ class Writer:
 
     def finish(self, section: dict) -> None:
         if self.source.sharded or len(set(self.weight_map.values())) > 1:
-            write_json(self.weights_dir / INDEX_FILE,
-                       {"metadata": {"total_size": self.total_size},
-                        "weight_map": dict(sorted(self.weight_map.items()))})
+            write_index(self.weights_dir, self.weight_map, self.total_size)
         config = self.source.config()
         config[SECTION] = {"format": self.format, "format_version": FORMAT_VERSION,
                            "tool_version": __version__, **section}
