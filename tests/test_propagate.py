@@ -377,6 +377,10 @@ def test_propagate_usage_errors(made, tiny_model_dir, text_file, tmp_path, capsy
         ([*P, "--ratio", "0.2", "--refine-steps", "-1"], "--refine-steps must be >= 0"),
         ([*P, "--ratio", "0.2", "--drop-activations", "--out", str(tmp_path / "x.h5")],
          "--drop-activations frees disk space chunk by chunk"),
+        (["--sequential", "--drop-activations", "--out", str(tmp_path / "x.h5")],
+         "--drop-activations frees disk space chunk by chunk"),
+        (["--drop-activations"], "--drop-activations folds each input as a block's pass makes "
+                                 "it: add --sequential"),
     ]:
         assert main([*base, *new, *extra]) == 2, extra
         err = capsys.readouterr().err

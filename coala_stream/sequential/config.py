@@ -69,11 +69,14 @@ class SequentialConfig(CaptureConfig):
     refine_lr: float = field(default=1e-4, metadata={
         "help": "with --refine-steps: Adam's learning rate", "metavar": "LR", "group": "compression while capturing (--sequential --propagate)"})
     drop_activations: bool = field(default=False, metadata={
-        "help": "with --propagate: keep no activations in the store (zarr only): each group's "
-                "rows are folded into its R as they are made, in reduce's groups (the same R), "
-                "and never written; only their checksums are committed. Saves the disk and the "
-                "store's write, read-back and delete; solve still works, reduce --restart no "
-                "longer can", "group": "compression while capturing (--sequential --propagate)"})
+        "help": "with --sequential: keep no activations in the store (zarr only): each input's "
+                "rows are folded into its R as they are made, in reduce's groups (the same R "
+                "as `coala-stream reduce` makes from a written store), and never written; only "
+                "their checksums are committed. The store ends reduced, ready for `coala-stream "
+                "solve`, and the disk holds the R's, not the calibration's activations (at 256 x "
+                "2048 tokens, hundreds of GB for a 7B model). reduce --restart and --with-gram "
+                "no longer can run on it (SVD-LLM's Gram matrix is then formed from R)",
+        "group": "block by block (--sequential)"})
 
     def propagate_settings(self) -> dict | None:
         """The compression --propagate applies ({method, ratio, rank, ranks, mu, objective,
@@ -86,8 +89,7 @@ class SequentialConfig(CaptureConfig):
                 ("--objective", self.objective, "input"), ("--alpha", self.alpha, None),
                 ("--ranks", self.ranks, None), ("--refine-steps", self.refine_steps, 0),
                 ("--rank-multiple", self.rank_multiple, 1),
-                ("--refine-lr", self.refine_lr, 1e-4),
-                ("--drop-activations", self.drop_activations, False)) if value != default]
+                ("--refine-lr", self.refine_lr, 1e-4)) if value != default]
             if given:
                 raise UsageError(f"{', '.join(given)}: only used with --sequential --propagate "
                                  f"(compression while capturing); give "
@@ -109,9 +111,6 @@ class SequentialConfig(CaptureConfig):
         if self.refine_steps < 0 or self.refine_lr <= 0:
             raise UsageError(f"--refine-steps must be >= 0 and --refine-lr > 0, got "
                              f"{self.refine_steps} and {self.refine_lr}")
-        if self.drop_activations and self.resolved_backend() != "zarr":
-            raise UsageError("--drop-activations frees disk space chunk by chunk, which an HDF5 "
-                             "file cannot: use a zarr store (--out DIR) or drop the flag")
         settings = {"method": self.method, "ratio": None if ratio is None else float(ratio),
                     "rank": self.rank, "ranks": ranks, "mu": float(self.mu),
                     "objective": self.objective, "alpha": alpha,
@@ -152,6 +151,12 @@ class SequentialConfig(CaptureConfig):
         self.propagate_settings()
         if self.hidden_dir is not None and not self.sequential:
             raise UsageError("--hidden-dir is only used with --sequential")
+        if self.drop_activations and not self.sequential:
+            raise UsageError("--drop-activations folds each input as a block's pass makes it: add "
+                             "--sequential, or drop the flag and run `coala-stream reduce` after")
+        if self.drop_activations and self.resolved_backend() != "zarr":
+            raise UsageError("--drop-activations frees disk space chunk by chunk, which an HDF5 "
+                             "file cannot: use a zarr store (--out DIR) or drop the flag")
 
     def extra_settings(self) -> dict:
         """What the store records of this capture beyond `CaptureConfig` (compared on resume)."""

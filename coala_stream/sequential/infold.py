@@ -1,8 +1,9 @@
-"""A propagating group's rows folded as they are made, never written (issue 25).
+"""A block-by-block capture's rows folded as they are made, never written (issue 25).
 
-When the capture drops a group's activations once they are reduced (``--drop-activations``,
-compress's default), writing them compressed to the store, reading them back and deleting
-them is work for nothing. `GroupFold` folds the chunks the capture produces in the groups
+When the capture drops an input's activations once they are reduced (``--drop-activations``:
+compress's default, and a plain ``--sequential`` capture at a calibration size whose
+activations would not fit on disk), writing them compressed to the store, reading them back
+and deleting them is work for nothing. `GroupFold` folds the chunks the capture produces in the groups
 reduce would fold them in (`reduce.plan_groups`: boundaries at multiples of
 ``group_chunks``), with reduce's kernel on the same tensors, so R is bit-identical to the
 one reduce makes from the store. The store gets what a dropped input holds: every chunk's
@@ -13,7 +14,10 @@ Crash safety, per fold group: (1) the result file, written atomically, holds nex
 the fingerprint the store will have once the group is committed, and every chunk's
 checksum (``FOLDED``); (2) `Store.commit_folded` commits them. `open` rolls a kill between
 the two forward; a kill before (1) loses the rows since the last group, which the capture
-makes again from its committed position (at most one group of rows).
+makes again from its committed position (at most one group of rows). The inputs of one
+block pass (a plain capture folds them all at once) commit at their own group boundaries
+(``group_chunks`` grows with the width), so a resumed pass starts at the fewest committed
+and each fold skips the chunks it holds already.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from ..reduce.result import RESTART_HINT, read_meta, result_meta
 from ..store import format as fmt
 
 FOLDED = "folded_crc32"  # result metadata: the checksums of every chunk its R holds
+
+
+def reduce_config(plan, inputs: str | None = None) -> ReduceConfig:
+    """How the capture reduces its inputs (reduce's defaults on the capture's device, a
+    `capture.Plan`'s); the in-memory fold folds with the same, so both give one R."""
+    return ReduceConfig(device=str(plan.device), inputs=inputs, threads=plan.compute_threads)
 
 
 class GroupFold:

@@ -10,6 +10,7 @@ from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, l
 from ..errors import StoreError
 from ..blocks import BlockModel
 from .config import SequentialConfig
+from .infold import GroupFold, reduce_config
 from .workdir import WorkDir
 
 
@@ -25,9 +26,10 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
     groups, fire_order = probe_block(bm, k, work, src, targets, rec, dtype, say)
     for g in groups:
         store.create_input(g.name, g.n, g.consumers)  # idempotent; StoreError if it differs
+    folds = _open_folds(store, groups, plan) if config.drop_activations else None
     infos = {g.name: store.input(g.name) for g in groups}
     cap_start, start = _resume_point(bm, k, store, work, infos, dst, write_output, samples,
-                                     seq_len, B)
+                                     seq_len, B, uneven=folds is not None)
     bar.update(min(start, samples))
     if start >= samples:
         return 0
@@ -35,11 +37,19 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
 
     first_chunk = cap_start * seq_len // plan.chunk_tokens
     buffers = {g.name: ChunkBuffer(plan.chunk_tokens, g.n, dtype, first_chunk) for g in groups}
-    crcs = {g.name: list(infos[g.name].chunk_crc32) for g in groups}
-    writer = ChunkWriter(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize, plan.writers)
+    writer = None
+    if folds is None:
+        crcs = {g.name: list(infos[g.name].chunk_crc32) for g in groups}
+        writer = ChunkWriter(store, crcs, {g.name: g.n for g in groups}, dtype.itemsize,
+                             plan.writers)
+        sink = lambda name, index, chunk: writer.put(("chunk", name, index, chunk))  # noqa: E731
+    else:
+        def sink(name, index, chunk):
+            if index >= len(folds[name].crcs):  # an input may have committed further (`uneven`)
+                folds[name].add(index, chunk)
     stop_after = fire_order[-1] if (not write_output and fire_order) else None
     feeding = [False]
-    handles = _hook_groups(bm, k, groups, buffers, writer, feeding, stop_after)
+    handles = _hook_groups(bm, k, groups, buffers, sink, feeding, stop_after)
     done_chunks = cap_start // per_chunk
     try:
         with torch.no_grad():
@@ -51,32 +61,45 @@ def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: s
                 if signals.requested():
                     break  # no commit after a signal: what follows is redone on resume
                 done = min(s + B, samples)
-                while feeding[0] and (done_chunks + 1) * per_chunk <= done:
+                while writer is not None and feeding[0] and (done_chunks + 1) * per_chunk <= done:
                     done_chunks += 1
                     writer.put(("commit", 0, done_chunks * plan.chunk_tokens, False))
                 bar.update(done - s)
-        writer.close()
+            else:
+                for fold in (folds or {}).values():
+                    fold.flush()  # each input's last group ends at its last whole chunk, as reduce's
+        if writer is not None:
+            writer.close()
     except BaseException:
-        writer.close()  # finish queued commits; a writer error (disk full) replaces this one
+        if writer is not None:
+            writer.close()  # finish queued commits; a writer error (disk full) replaces this one
         raise
     finally:
         for h in handles:
             h.remove()
     signals.check("capture", f"in block {k} (every committed chunk is kept)")
     save_pending(work, buffers, k)
-    return writer.raw_bytes
+    return 0 if writer is None else writer.raw_bytes
 
 
-def _hook_groups(bm: BlockModel, k: int, groups: list, buffers: dict, writer, feeding: list,
+def _open_folds(store, groups: list, plan: Plan) -> dict | None:
+    """``--drop-activations``: each input's `GroupFold`; None (the block's rows are written, as
+    it began) where an input holds rows its reduce result does not cover."""
+    folds = {g.name: GroupFold.open(store, g.name, reduce_config(plan)) for g in groups}
+    return None if any(f is None for f in folds.values()) else folds
+
+
+def _hook_groups(bm: BlockModel, k: int, groups: list, buffers: dict, sink, feeding: list,
                  stop_after: str | None) -> list:
     """Pre-hooks on block ``k``'s group leaders: while ``feeding[0]``, their inputs go to the
-    chunk buffers and full chunks to the writer; the forward stops after ``stop_after``."""
+    chunk buffers and full chunks to ``sink(name, index, chunk)``; the forward stops after
+    ``stop_after``."""
     def hook(name):
         def pre_hook(mod, args, kwargs):
             if feeding[0]:
                 x = linear_input(args, kwargs)
                 for index, chunk in buffers[name].add(x.reshape(-1, x.shape[-1])):
-                    writer.put(("chunk", name, index, chunk))
+                    sink(name, index, chunk)
             if name == stop_after:
                 raise StopForward
         return pre_hook
@@ -87,11 +110,15 @@ def _hook_groups(bm: BlockModel, k: int, groups: list, buffers: dict, writer, fe
             for g in groups]
 
 
-def _resume_point(bm, k, store, work, infos, dst, write_output, samples, seq_len, B):
+def _resume_point(bm, k, store, work, infos, dst, write_output, samples, seq_len, B,
+                  uneven=False):
     """(first sample to capture, first sample to run) of block ``k``'s pass: after the
-    committed chunks (equal for every input of the block) and the output rows written; the
+    committed chunks (equal for every input of the block; with ``uneven``, in-memory folds
+    that commit at their own group boundaries, the fewest) and the output rows written; the
     output array is claimed for block k when it held an older block's output."""
     committed = {i.tokens for i in infos.values()}
+    if uneven and committed:
+        committed = {min(committed)}
     if len(committed) > 1:
         raise StoreError(f"{store.path}: the inputs of block {k} hold different committed token "
                          f"counts ({sorted(committed)}); the store is inconsistent (--overwrite "

@@ -42,11 +42,11 @@ from .. import applied, checkpoint, signals
 from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, linear_input
 from ..devices import resolve_device, torch_threads
 from ..errors import StoreError
-from ..reduce import DTYPES, Partial, ReduceConfig, fold_group, read_result, run_reduce
+from ..reduce import DTYPES, Partial, fold_group, read_result, run_reduce
 from ..solve import Layer, SolveConfig, factor_layers
 from ..blocks import BlockModel
 from .config import SequentialConfig
-from .infold import GroupFold
+from .infold import GroupFold, reduce_config
 from .original import OUTPUT, OriginalRows
 from .passes import probe_block, save_pending
 from .refine import refine_block
@@ -435,12 +435,6 @@ def reduce_inputs(config: SequentialConfig, plan: Plan, names: list[str] | None)
     input; a finished result is skipped, a checkpoint resumed, a longer input extended."""
     pattern = None if names is None else "^(?:" + "|".join(map(re.escape, names)) + ")$"
     return run_reduce(config.out, reduce_config(plan, pattern), progress=False)
-
-
-def reduce_config(plan: Plan, inputs: str | None = None) -> ReduceConfig:
-    """How the capture reduces its inputs (reduce's defaults on the capture's device); the
-    in-memory fold (`infold`) folds with the same, so both give one R."""
-    return ReduceConfig(device=str(plan.device), inputs=inputs, threads=plan.compute_threads)
 
 
 def reduced_input(store, work: WorkDir, name: str, device: torch.device):

@@ -80,7 +80,7 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
                    config.samples, config.seq_len, plan.dtype)
     propagate = plan.attrs["capture_settings"].get("propagate")
     if state == "complete":
-        if propagate:  # a run killed between the final commit and the final reduce
+        if propagate or config.drop_activations:  # killed between the final commit and reduce
             reduce_inputs(config, plan, None)
         work.remove()
         summary.update(status="already complete", samples_before=config.samples, raw_bytes=0,
@@ -174,13 +174,14 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
         bar.set_postfix_str("final commit", refresh=False)
         names, last_raw = finish(store, work, samples, seq_len)
         raw += last_raw
-        if propagate:  # every input's last, partial chunk onto its result: the store is reduced
-            t, c = time.perf_counter(), time.process_time()
+        if propagate or config.drop_activations:  # the last, partial chunks onto the results:
+            t, c = time.perf_counter(), time.process_time()  # the store ends reduced
             reduce_inputs(config, plan, None)
             timing["reduce_seconds"] += time.perf_counter() - t
             add_cpu(timing, "reduce_cpu_seconds", c)
             timing["cpu_seconds"] = time.process_time() - cpu0
-            summary["propagate"].update(timing)
+            if propagate:
+                summary["propagate"].update(timing)
         bar.update(bar.total - bar.n)
     finally:
         bar.close()
