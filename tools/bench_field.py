@@ -56,6 +56,10 @@ def main() -> None:
                     choices=[*ONE_SHOT, *COMPRESS])
     ap.add_argument("--calibrations", nargs="+", default=["32x512"],
                     help="SAMPLESxSEQ_LEN of the one-shot rows' plain stores")
+    ap.add_argument("--fold", nargs="*", default=[], metavar="CAL",
+                    help="calibrations captured with --sequential --drop-activations (the R's "
+                         "only, folded in memory: 64x2048 would not fit on disk as activations; "
+                         "SVD-LLM then forms its Gram matrix from R)")
     ap.add_argument("--calib-from", type=int, default=1500)
     ap.add_argument("--windows", type=int, default=30)
     ap.add_argument("--short-windows", action="store_true",
@@ -99,10 +103,17 @@ def main() -> None:
             for cal in args.calibrations:
                 samples, seq_len = cal.split("x")
                 store = work / f"plain-{cal}.zarr"
-                runner.run(f"capture-{cal}", measured(
-                    "capture", str(model), "--out", str(store), "--data", str(calib),
-                    "--samples", samples, "--seq-len", seq_len, *threads))
-                runner.run(f"reduce-{cal}", measured("reduce", str(store), "--with-gram", *threads))
+                if cal in args.fold:  # no activations on disk: R only, SVD-LLM's Gram from R
+                    runner.run(f"capture-{cal}", measured(
+                        "capture", str(model), "--out", str(store), "--data", str(calib),
+                        "--samples", samples, "--seq-len", seq_len, "--sequential",
+                        "--drop-activations", *threads))
+                else:
+                    runner.run(f"capture-{cal}", measured(
+                        "capture", str(model), "--out", str(store), "--data", str(calib),
+                        "--samples", samples, "--seq-len", seq_len, *threads))
+                    runner.run(f"reduce-{cal}", measured("reduce", str(store), "--with-gram",
+                                                         *threads))
                 key = f"{name}-{cal}-{ratio}"
                 out = work / "models" / key
                 runner.run(f"build-{key}", measured(

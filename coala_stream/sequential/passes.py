@@ -9,21 +9,21 @@ from .. import checkpoint, signals
 from ..capture import ChunkBuffer, ChunkWriter, InputGroup, Plan, StopForward, linear_input, probe_run
 from ..errors import StoreError
 from ..blocks import BlockModel
-from .config import SequentialConfig
+from .context import SequentialRun
 from .infold import GroupFold, reduce_config
 from .workdir import WorkDir
 
 
-def capture_block(bm: BlockModel, k: int, store, work: WorkDir, src: str, dst: str,
-                   targets: list, write_output: bool, rec: dict, plan: Plan, config: SequentialConfig,
-                   bar, say) -> int:
+def capture_block(ctx: SequentialRun, k: int, src: str, dst: str, targets: list,
+                  write_output: bool) -> int:
     """All samples through block ``k`` (loaded), capturing the inputs of ``targets`` and,
     with ``write_output``, writing its outputs to ``dst`` (without, the forward stops after
     the last hooked linear); returns raw bytes written. Resumes after the committed chunks
     and the output rows written (by an earlier run)."""
+    bm, store, work, plan, config, bar = ctx.bm, ctx.store, ctx.work, ctx.plan, ctx.config, ctx.bar
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
+    groups, fire_order = probe_block(ctx, k, src, targets)
     dtype = getattr(torch, plan.dtype)
-    groups, fire_order = probe_block(bm, k, work, src, targets, rec, dtype, say)
     for g in groups:
         store.create_input(g.name, g.n, g.consumers)  # idempotent; StoreError if it differs
     folds = _open_folds(store, groups, plan) if config.drop_activations else None
@@ -144,23 +144,26 @@ def save_pending(work: WorkDir, buffers: dict, k: int) -> None:
                                   {"index": p[0], "block": k})
 
 
-def probe_block(bm: BlockModel, k: int, work: WorkDir, src: str, targets: list, rec: dict,
-                dtype: torch.dtype, say) -> tuple[list[InputGroup], list[str]]:
+def probe_block(ctx: SequentialRun, k: int, src: str,
+                targets: list) -> tuple[list[InputGroup], list[str]]:
     """(groups, their names in forward order) of block ``k`` (loaded, as it runs now), from a
-    probe on sample 0 of ``src``; the probe's checksum is recorded in ``rec`` the first time
-    and compared on resume (a warning: the resumed part would not be bit-identical)."""
+    probe on sample 0 of ``src``; the probe's checksum is recorded in the progress record the
+    first time and compared on resume (a warning: the resumed part would not be
+    bit-identical)."""
     if not targets:
         return [], []
+    bm, work, rec = ctx.bm, ctx.work, ctx.rec
     x0 = work.read(src, 0, 1).to(bm.device)
-    groups, fire_order, crc = probe_run(lambda: bm.run_block(k, x0), targets, work.seq_len, dtype)
+    groups, fire_order, crc = probe_run(lambda: bm.run_block(k, x0), targets, work.seq_len,
+                                        getattr(torch, ctx.plan.dtype))
     old = rec["probe_crc32"].get(str(k))
     if old is not None and old != crc:
-        say(f"warning: block {k}'s activations on sample 0 differ from those recorded when it "
+        ctx.say(f"warning: block {k}'s activations on sample 0 differ from those recorded when it "
             f"was started (other weights, device or library versions?): the resumed part "
             f"will not be bit-identical to an uninterrupted run")
     if old is None:
         rec["probe_crc32"][str(k)] = crc
-        work.write_progress(rec)
+        ctx.save()
     return groups, fire_order
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,6 +45,7 @@ from ..reduce import DTYPES, Partial, fold_group, read_result, run_reduce
 from ..solve import Layer, SolveConfig, factor_layers
 from ..blocks import BlockModel
 from .config import SequentialConfig
+from .context import SequentialRun
 from .infold import GroupFold, reduce_config
 from .original import OUTPUT, OriginalRows
 from .passes import probe_block, save_pending
@@ -102,25 +102,23 @@ def needs_original(settings: dict) -> bool:
 
 
 @dataclass
-class BlockRun:
-    """Block k's propagation: what its steps share. ``rec`` is the progress record
-    (`WorkDir.write_progress` saves it), ``settings`` the capture's propagate settings,
-    ``kept`` the original rows of the pair objective (`original`), set once the groups
-    are known; ``timing`` collects the run's per-step seconds."""
+class BlockRun(SequentialRun):
+    """Block k's propagation: the run's shared context (`SequentialRun`: its progress record
+    and timing are the run's own objects) plus what this block's steps share: ``bw`` its
+    weights, ``settings`` the capture's propagate settings, ``kept`` the original rows of
+    the pair objective (`original`), set once the groups are known."""
 
-    bm: BlockModel
     k: int
-    store: object
-    work: WorkDir
-    rec: dict
     bw: BlockWeights
-    plan: Plan
-    config: SequentialConfig
     settings: dict
-    say: Callable[[str], None]
-    timing: dict
     is_last: bool
     kept: OriginalRows | None = None
+
+    @classmethod
+    def of(cls, ctx: SequentialRun, k: int, is_last: bool) -> BlockRun:
+        return cls(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(SequentialRun)},
+                   k=k, bw=BlockWeights(ctx.bm, k),
+                   settings=ctx.plan.attrs["capture_settings"]["propagate"], is_last=is_last)
 
     @property
     def pair(self) -> bool:
@@ -134,16 +132,13 @@ class BlockRun:
         return needs_original(self.settings) and not (
             self.is_last and not self.settings.get("refine_steps"))
 
-    def save(self) -> None:
-        self.work.write_progress(self.rec)
 
 
-def propagate_block(bm: BlockModel, k: int, store, work: WorkDir, rec: dict, targets: list,
-                    is_last: bool, plan: Plan, config: SequentialConfig, say, timing: dict) -> int:
-    """Block ``k`` (loaded) with --propagate, resuming at the step ``rec`` names (module
-    docstring); returns raw bytes written. Leaves ``rec`` ready for block k+1."""
-    run = BlockRun(bm, k, store, work, rec, BlockWeights(bm, k), plan, config,
-                   plan.attrs["capture_settings"]["propagate"], say, timing, is_last)
+def propagate_block(ctx: SequentialRun, k: int, targets: list, is_last: bool) -> int:
+    """Block ``k`` (loaded) with --propagate, resuming at the step the progress record names
+    (module docstring); returns raw bytes written. Leaves the record ready for block k+1."""
+    run = BlockRun.of(ctx, k, is_last)
+    store, rec = run.store, run.rec
     raw = 0
     try:
         groups = _block_groups(run, targets)
@@ -178,8 +173,7 @@ def _block_groups(run: BlockRun, targets: list) -> list[InputGroup]:
     """Block k's groups in forward order (probed with the original weights); the store's
     inputs for them are created (pairs for the output objective)."""
     with run.bw.originals():
-        groups, fire_order = probe_block(run.bm, run.k, run.work, run.rec["src"], targets,
-                                         run.rec, getattr(torch, run.plan.dtype), run.say)
+        groups, fire_order = probe_block(run, run.k, run.rec["src"], targets)
     by_name = {g.name: g for g in groups}
     ordered = [by_name[name] for name in fire_order]
     for g in ordered:

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from .. import applied, models, signals
-from ..capture import (Plan, capture_lock, capture_threads, complete_without_lock, existing_store,
+from ..capture import (capture_lock, capture_threads, complete_without_lock, existing_store,
                        open_or_create_store, plan_capture, run_capture, summary_of)
 from ..devices import torch_threads
 from ..progress import bar as progress_bar
 from ..signals import StopRequests
 from ..blocks import BlockModel
 from .config import SequentialConfig
+from .context import SequentialRun
 from .passes import capture_block, finish
 from .propagate import add_cpu, propagate_block, reduce_inputs
 from .workdir import WorkDir, default_hidden_dir
@@ -115,9 +116,9 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
         if state == "resume":
             say(f"{store.path}: resuming at " + (f"block {before} of {last + 1}" if before <= last
                                                  else "the final commit"))
+        ctx = SequentialRun(bm, store, work, rec, plan, config, say, {}, None)
         with StopRequests("capture"):  # every committed chunk and finished block is kept
-            sizes = _run_blocks(bm, store, work, rec, targets, last, plan, config, progress, say,
-                                summary)
+            sizes = _run_blocks(ctx, targets, last, progress, summary)
     finally:
         store.close()
     work.remove()
@@ -126,8 +127,9 @@ def _blocks_run(config, plan, state, summary, say, progress, t0) -> dict:
     return summary
 
 
-def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, last: int,
-                plan: Plan, config: SequentialConfig, progress: bool, say, summary: dict) -> dict:
+def _run_blocks(ctx: SequentialRun, targets: dict, last: int, progress: bool,
+                summary: dict) -> dict:
+    bm, store, work, rec, plan, config = ctx.bm, ctx.store, ctx.work, ctx.rec, ctx.plan, ctx.config
     samples, seq_len, B = config.samples, config.seq_len, plan.batch_size
     raw = 0
     propagate = plan.attrs["capture_settings"].get("propagate")
@@ -139,7 +141,8 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
         done = (rec["src"] is not None) + rec["next_block"]
         bar = progress_bar((last + 2) * samples, initial=done * samples, unit="sample",
                            desc="capture --sequential", enabled=progress, dynamic_ncols=True)
-    timing = {"reduce_seconds": 0.0, "solve_seconds": 0.0, "compressed_layers": 0}
+    ctx.bar, timing = bar, ctx.timing
+    timing.update(reduce_seconds=0.0, solve_seconds=0.0, compressed_layers=0)
     cpu0 = time.process_time()
     try:
         if rec["src"] is None:  # embeddings -> array a
@@ -160,12 +163,10 @@ def _run_blocks(bm: BlockModel, store, work: WorkDir, rec: dict, targets: dict, 
             try:
                 if not propagate:
                     src, dst = rec["src"], ("b" if rec["src"] == "a" else "a")
-                    raw += capture_block(bm, k, store, work, src, dst, targets.get(k, []),
-                                         k != last, rec, plan, config, bar, say)
+                    raw += capture_block(ctx, k, src, dst, targets.get(k, []), k != last)
                     rec.update(next_block=k + 1, src=src if k == last else dst)
                 else:
-                    raw += propagate_block(bm, k, store, work, rec, targets.get(k, []),
-                                           k == last, plan, config, say, timing)
+                    raw += propagate_block(ctx, k, targets.get(k, []), k == last)
                     bar.update(1)
             finally:
                 bm.free_block(k)
