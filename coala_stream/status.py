@@ -32,6 +32,7 @@ def store_status(store) -> dict:
     inputs = [_input_status(store, name) for name in store.inputs]
     raw = sum(i["raw_bytes"] for i in inputs)
     stored = sum(i["stored_bytes"] for i in inputs)
+    dropped = sum(i["dropped_chunks"] for i in inputs)
     return {
         "path": str(store.path),
         "backend": store.backend,
@@ -59,7 +60,9 @@ def store_status(store) -> dict:
             "tokens": sum(i["tokens"] for i in inputs),
             "raw_bytes": raw,
             "stored_bytes": stored,
-            "ratio": round(raw / stored, 4) if stored else None,
+            # the codec's ratio; none once chunks were dropped (their bytes are not on disk)
+            "ratio": round(raw / stored, 4) if stored and not dropped else None,
+            "dropped_chunks": dropped,
             "reduce": _count_states(inputs),
         },
         "inputs": inputs,

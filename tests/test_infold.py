@@ -179,6 +179,14 @@ def test_a_plain_capture_folds_in_memory_to_reduces_r(plain_written, text_file, 
                     progress=False)
     assert s["raw_bytes"] == 0 and s["status"] == "complete"
     assert_same_plain(ref, out)
+    from coala_stream.cli.status import render
+    from coala_stream.status import store_status
+
+    with open_store(out) as o:
+        got = store_status(o)
+    assert got["totals"]["dropped_chunks"] == 48 and got["totals"]["ratio"] is None
+    assert got["totals"]["reduce"] == {"complete": 8}
+    assert "48 chunks dropped" in render(got) and "ratio" not in render(got).split("size")[1]
     a = run_solve(ref, SolveConfig(out=str(tmp_path / "a"), ratio=0.3), progress=False)
     b = run_solve(out, SolveConfig(out=str(tmp_path / "b"), ratio=0.3), progress=False)
     assert a["totals"]["layers"] == b["totals"]["layers"] == 14

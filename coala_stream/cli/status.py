@@ -57,7 +57,9 @@ def render(s: dict) -> str:
         *_propagate(s.get("propagate")),
         f"reduce      {_reduce_summary(tot)}  ({s['reduce_dir']})",
         f"size        {tot['inputs']} inputs, {_mb(tot['raw_bytes'])} raw, {_mb(tot['stored_bytes'])} "
-        f"on disk (ratio {tot['ratio'] or '-'})",
+        f"on disk " + (f"({tot['dropped_chunks']} chunks dropped: folded into the reduce "
+                       f"results, their rows not kept)" if tot.get("dropped_chunks")
+                       else f"(ratio {tot['ratio'] or '-'})"),
         "",
     ]
     rows = [("input", "read by", "n", "tokens", "chunks", "on disk", "reduce")]
