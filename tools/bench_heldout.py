@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=60)
     ap.add_argument("--models", nargs="*", type=Path, default=[])
+    ap.add_argument("--store", type=Path, default=None,
+                    help="a store captured with this draw: its tokens' sha256 is checked")
     ap.add_argument("--results", type=Path, default=Path("runs/heldout.jsonl"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="print the cached results only")
@@ -93,6 +95,18 @@ def measure(path: Path, args, protocol: dict) -> dict:
     if calib.bos_token(tok, "auto") is not None:
         raise SystemExit(f"{path}: its tokenizer adds a BOS; this tool reproduces BOS-less draws")
     drawn = calib.window_starts(ids.numel(), args.samples, args.seq_len, args.seed)
+    if args.store is not None:  # the draw must be the capture's, or the two sets may overlap
+        import hashlib
+
+        from coala_stream.store import open_store
+
+        with open_store(args.store) as st:
+            want = (st.attrs.get("calibration") or {}).get("tokens_sha256")
+        got = hashlib.sha256(torch.stack([ids[s:s + args.seq_len] for s in drawn]).numpy()
+                             .astype("<i8").tobytes()).hexdigest()
+        if got != want:
+            raise SystemExit(f"{path}: the draw reproduced here is not {args.store}'s "
+                             f"(tokens sha256 {got[:12]} vs {str(want)[:12]})")
     starts = heldout_windows(ids.numel(), drawn, args.seq_len, args.eval_seq_len)
     if len(starts) < args.windows:
         raise SystemExit(f"only {len(starts)} held-out windows of {args.eval_seq_len} tokens; "
