@@ -117,10 +117,15 @@ def test_compress_drops_activations_unless_asked_to_keep_them(tiny_model_dir, te
         assert chunks == {2} and dropped == ({0} if keep else {1}), (keep, dropped)
 
 
-def test_the_default_allocation_is_loss_and_uniform_for_an_adapter():
-    from coala_stream.compress import recipe
+def test_the_default_allocation_is_loss_below_ratio_0_4_and_uniform_for_an_adapter():
+    from coala_stream.compress import LOSS_BELOW_RATIO, recipe
 
-    assert CompressConfig(out="-").allocate == "loss"
+    assert LOSS_BELOW_RATIO == 0.4
+    assert CompressConfig(out="-").allocate == "loss"  # the default ratio, 0.2
+    assert CompressConfig(out="-", ratio=0.39).allocate == "loss"
+    assert CompressConfig(out="-", ratio=0.4).allocate == "uniform"
+    assert CompressConfig(out="-", ratio=0.6).allocate == "uniform"
     assert CompressConfig(out="-", format="peft").allocate == "uniform"  # every layer adapted
     assert CompressConfig(out="-", allocate="global").allocate == "global"
-    assert "--allocate loss" in recipe()
+    assert CompressConfig(out="-", ratio=0.6, allocate="loss").allocate == "loss"
+    assert "--allocate loss (uniform from --ratio 0.4 on)" in recipe()

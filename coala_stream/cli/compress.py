@@ -25,11 +25,13 @@ scored by its first-order effect on it, ZS-SVD's zero-sum rule) measured best at
 --ratio 0.2 on both models tried, calibrated on WikiText-2 (docs/benchmarks.md):
 SmolLM2-135M 42.66 against 63.08 with uniform ranks and 99.84 for SVD-LLM (30 x 512
 windows; 38.89, 52.50 and 77.29 on 2048-token ones), Qwen2.5-Coder-0.5B 46.75
-against 61.06 with uniform ranks (original 40.67). At ratio 0.4 on SmolLM2 it is
-level with uniform ranks (89.76 against 90.23 on 2048-token windows, 97.81 against
-105.29 on 512; SVD-LLM 250.03). It costs an ordinary capture and one gradient pass
-more: about 1.6x the CPU time of --allocate uniform, which keeps every layer
-factorized at one ratio. The output objective with alpha 0.5 and the refinement
+against 61.06 with uniform ranks (original 40.67). Where more is removed the
+first-order scores mislead: on held-out text (the calibration text the draw left
+out, never the evaluated windows) loss-aware ranks tie with uniform ones at 0.4
+(82.28 against 81.72 on SmolLM2) and lose at 0.6 (202.34 against 160.02), so from
+--ratio 0.4 on the default is uniform ranks, which also cost about 1.6x less CPU
+(--allocate loss adds an ordinary capture and one gradient pass).
+The output objective with alpha 0.5 and the refinement
 measured best before (59.07 against 67.70 without refinement and 62.27 / 64.41
 with alpha 0.4 / 0.6; --allocate global 82.34).
 Llama-style models (Llama, Mistral, Qwen2, Phi-3, SmolLM) only: it runs block by block.
