@@ -103,15 +103,12 @@ def main() -> None:
             for cal in args.calibrations:
                 samples, seq_len = cal.split("x")
                 store = work / f"plain-{cal}.zarr"
-                if cal in args.fold:  # no activations on disk: R only, SVD-LLM's Gram from R
-                    runner.run(f"capture-{cal}", measured(
-                        "capture", str(model), "--out", str(store), "--data", str(calib),
-                        "--samples", samples, "--seq-len", seq_len, "--sequential",
-                        "--drop-activations", *threads))
-                else:
-                    runner.run(f"capture-{cal}", measured(
-                        "capture", str(model), "--out", str(store), "--data", str(calib),
-                        "--samples", samples, "--seq-len", seq_len, *threads))
+                # --fold: no activations on disk, the store ends reduced (SVD-LLM's Gram from R)
+                fold = ["--sequential", "--drop-activations"] if cal in args.fold else []
+                runner.run(f"capture-{cal}", measured(
+                    "capture", str(model), "--out", str(store), "--data", str(calib),
+                    "--samples", samples, "--seq-len", seq_len, *fold, *threads))
+                if not fold:
                     runner.run(f"reduce-{cal}", measured("reduce", str(store), "--with-gram",
                                                          *threads))
                 key = f"{name}-{cal}-{ratio}"

@@ -2,7 +2,8 @@
 
 The field table evaluates on the first windows of ``wiki.test.raw`` and calibrates on the
 file from its line 1500 on (``WORK/wiki_calib.txt``), drawing ``--samples`` x ``--seq-len``
-tokens at random, non-overlapping positions (`calib.window_starts`, seed 0). The tokens of
+tokens at random, non-overlapping positions (`calib.calibration_windows`, the capture's own
+draw, seed 0). The tokens of
 that calibration text which the draw left out are a validation set disjoint from both the
 calibration and the evaluated windows: this tool cuts them into non-overlapping windows of
 ``--eval-seq-len`` tokens, each inside one gap between drawn windows, and reports each
@@ -93,20 +94,20 @@ def measure(path: Path, args, protocol: dict) -> dict:
     ids = token_ids(tok, normalise_newlines(args.calib.read_text(encoding="utf-8")))
     # the draw exactly as capture makes it (no BOS: SmolLM2's and Qwen2.5's tokenizers add none)
     if calib.bos_token(tok, "auto") is not None:
-        raise SystemExit(f"{path}: its tokenizer adds a BOS; this tool reproduces BOS-less draws")
-    drawn = calib.window_starts(ids.numel(), args.samples, args.seq_len, args.seed)
-    if args.store is not None:  # the draw must be the capture's, or the two sets may overlap
-        import hashlib
-
+        raise SystemExit(f"{path}: its tokenizer adds a BOS; this tool takes BOS-less draws only")
+    # the capture's own draw; the text's tokens here must be the ones it drew from
+    cal = calib.calibration_windows(tok, str(args.calib), args.samples, args.seq_len, args.seed)
+    drawn = cal.starts
+    if not torch.equal(torch.stack([ids[s:s + args.seq_len] for s in drawn]), cal.ids):
+        raise SystemExit(f"{path}: the text tokenized here differs from the capture's draw")
+    if args.store is not None:  # the draw must be the store's, or the two sets may overlap
         from coala_stream.store import open_store
 
         with open_store(args.store) as st:
             want = (st.attrs.get("calibration") or {}).get("tokens_sha256")
-        got = hashlib.sha256(torch.stack([ids[s:s + args.seq_len] for s in drawn]).numpy()
-                             .astype("<i8").tobytes()).hexdigest()
-        if got != want:
-            raise SystemExit(f"{path}: the draw reproduced here is not {args.store}'s "
-                             f"(tokens sha256 {got[:12]} vs {str(want)[:12]})")
+        if cal.tokens_sha256 != want:
+            raise SystemExit(f"{path}: this draw is not {args.store}'s (tokens sha256 "
+                             f"{cal.tokens_sha256[:12]} vs {str(want)[:12]})")
     starts = heldout_windows(ids.numel(), drawn, args.seq_len, args.eval_seq_len)
     if len(starts) < args.windows:
         raise SystemExit(f"only {len(starts)} held-out windows of {args.eval_seq_len} tokens; "
