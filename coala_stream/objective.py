@@ -69,6 +69,10 @@ __all__ = [
 # The condition-number estimate of R11 must be at least this far below 1 / rtol
 # for the triangular solve; otherwise R11's SVD decides (see output_factors).
 _COND_SAFETY = 10.0
+# Between the two: R11's SVD would keep every direction (cond < 1 / rtol), so its
+# answer is the triangular solve's, which float64 computes accurately there; the
+# factor covers the estimate's shortfall (a lower bound).
+_RANGE_SAFETY = 2.0
 _ESTIMATE_ITERS = 6
 _ESTIMATE_BLOCK = 4
 
@@ -181,7 +185,10 @@ def output_factors(
     - alpha = 0: no solve at all (B = A^T W, as ``coala_factors``).
     - alpha > 0: a cheap estimate of cond(R11) (a few triangular solves and
       products, O(n^2)) picks the triangular solve when cond(R11) is clearly
-      below 1 / rtol. Otherwise (and always when R11 has fewer rows than n)
+      below 1 / rtol (x 10), in the working dtype. When it is below 1 / rtol
+      (x 2), the rule below would keep every direction and reduce to the same
+      solve, which is then done in float64 (n^2 r flops, not R11's SVD: ~9 n^3;
+      the answer is the same to rounding). Otherwise (and always when R11 has fewer rows than n)
       R11 = P_1 Sigma Q_1^T by SVD, singular values <= rtol * sigma_max count
       as zero, and the problem is solved exactly on range(R11): A = top-r
       left singular vectors of W R12'^T P_1 P_1^T (the target projected on
@@ -293,6 +300,7 @@ class OutputProblem:
         self.rtol = rtol
         self._working: dict = {}  # (dtype, device) -> (R11, R12)
         self._solvers: dict = {}  # (dtype, device) -> solver (see _solver)
+        self._paths: dict = {}  # (dtype, device) -> its name (see ``path``)
         self._target: dict = {}  # device -> float64 target factor
         self._narrow: dict = {}  # (dtype, device, cols) -> (R11, C12, C22) of a narrow pair
 
@@ -440,8 +448,9 @@ class OutputProblem:
 
     def _solver(self, W: torch.Tensor):
         """(R12 - R11 (None for a narrow pair), R11^+ as a function, P1): the triangular solve when R11 is clearly
-        nonsingular (P1 None), else R11's SVD restricted to its numerical range (P1 its
-        left singular vectors). Once per working dtype and device."""
+        nonsingular (P1 None; in float64 when only that precision makes it accurate), else
+        R11's SVD restricted to its numerical range (P1 its left singular vectors). Once
+        per working dtype and device."""
         R11, R12 = self.working(W)
         key = (R11.dtype, R11.device)
         if key not in self._solvers:
@@ -451,18 +460,35 @@ class OutputProblem:
             shift = None if R12 is None else R12 - R11  # narrow: per layer (`factors`)
             if _nonsingular(R11, rtol):
                 self._solvers[key] = (shift, _triangular_solve(R11), None)
+                self._paths[key] = "triangular"
+            elif (R11.dtype != torch.float64 and R11.shape[0] >= R11.shape[1]
+                  and _nonsingular(R11.double(), rtol, _RANGE_SAFETY)):
+                # rtol stays the working dtype's: it is the accuracy of R11's own entries
+                self._solvers[key] = (shift, _triangular_solve(R11.double(), R11.dtype), None)
+                self._paths[key] = "triangular in float64"
             else:
                 P1, sig, Q1h = svd(R11)
                 keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
                 p = int(keep.sum())
                 self._solvers[key] = (shift, _range_solve(P1[:, :p], sig[:p], Q1h[:p].T),
                                       P1[:, :p])
+                self._paths[key] = f"SVD of R11 (range {p} of {R11.shape[1]})"
         return self._solvers[key]
 
+    def path(self, dtype: torch.dtype = torch.float32, device="cpu") -> str | None:
+        """How R11 was solved in that working dtype and device ("triangular", "triangular
+        in float64", "SVD of R11 (range p of n)"); None before a layer with alpha > 0 asked."""
+        return self._paths.get((dtype, torch.device(device)))
 
-def _triangular_solve(R11):
-    def pinv(Y):
-        return torch.linalg.solve_triangular(R11, Y, upper=True)
+
+def _triangular_solve(R11, dtype=None):
+    """R11^-1 as a function; ``dtype``: the answer's dtype when R11 is wider (float64)."""
+    if dtype is None:
+        def pinv(Y):
+            return torch.linalg.solve_triangular(R11, Y, upper=True)
+    else:
+        def pinv(Y):
+            return torch.linalg.solve_triangular(R11, Y.to(R11.dtype), upper=True).to(dtype)
     return pinv
 
 
@@ -484,8 +510,8 @@ def _check_factors(W, A, B) -> None:
         )
 
 
-def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
-    """True when the triangle R11 is clearly well-conditioned: cond(R11) * 10 < 1 / rtol.
+def _nonsingular(R11: torch.Tensor, rtol: float, safety: float = _COND_SAFETY) -> bool:
+    """True when the triangle R11 is clearly well-conditioned: cond(R11) * safety < 1 / rtol.
 
     A wide trapezoid (fewer rows than columns) or a pivot <= rtol * max pivot
     is singular at once (cond >= max|d_i| / min|d_i| for a triangle). Otherwise
@@ -502,7 +528,7 @@ def _nonsingular(R11: torch.Tensor, rtol: float) -> bool:
     dmax = float(d.max())
     if not dmax > 0 or float(d.min()) <= rtol * dmax:
         return False
-    limit = 1.0 / (max(rtol, torch.finfo(R11.dtype).eps) * _COND_SAFETY)
+    limit = 1.0 / (max(rtol, torch.finfo(R11.dtype).eps) * safety)
     g = torch.Generator().manual_seed(0)
     Z0 = torch.randn(n, min(_ESTIMATE_BLOCK, n), generator=g, dtype=torch.float64)
     Z0 = torch.linalg.qr(Z0).Q.to(device=R11.device, dtype=R11.dtype)

@@ -247,7 +247,7 @@ def test_svd_path_equals_triangular_path_on_well_conditioned_r11(alpha, monkeypa
     W, X, Xh = data(seed=12)
     R = r_full(Xh, X)
     A, B = output_factors(W, R, 6, alpha)
-    monkeypatch.setattr(objective, "_nonsingular", lambda R11, rtol: False)
+    monkeypatch.setattr(objective, "_nonsingular", lambda R11, rtol, *safety: False)
     A2, B2 = output_factors(W, R, 6, alpha)
     torch.testing.assert_close(A @ B, A2 @ B2, rtol=0, atol=1e-10)
 
@@ -302,6 +302,40 @@ def test_float32_holds_at_cond_1e6_where_the_float32_gram_baseline_falls_back(al
     factors, fell_back = aasvd32(W, X, Xh, r, alpha)
     assert fell_back
     assert factors is None or direct(W, X, Xh, *factors, alpha) > optimum * (1 + 5e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_float64_triangular_solve_where_r11s_svd_would_keep_every_direction(alpha, monkeypatch):
+    """cond(R11) ~ 3e4 at n = 64 in float32: past the float32 solve's bound (1 / (10 n eps)
+    ~ 1.3e4) but under the SVD's cutoff (1 / (n eps) ~ 1.3e5), where the range solve keeps
+    every direction. The float64 triangular solve gives its answer (measured 1.5e-6 apart)
+    at the float64 optimum (measured 1e-10 above it) without R11's SVD."""
+    n, r = 64, 16
+    X, Xh = shifted_pair(n, log_spectrum(n, 3e4), seed=2)
+    W = torch.randn(96, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    optimum = direct(W, X, Xh, *output_factors(W, r_full(Xh, X), r, alpha), alpha)
+    R32 = r_full(Xh, X, torch.float32)
+    rtol = n * torch.finfo(torch.float32).eps
+    assert not objective._nonsingular(R32[:n, :n], rtol)
+    problem = objective.OutputProblem(R32, n, alpha)
+    A, B = problem.factors(W.float(), r)
+    assert problem.path() == "triangular in float64" and A.dtype == B.dtype == torch.float32
+    assert direct(W, X, Xh, A, B, alpha) <= optimum * (1 + 1e-8)
+    monkeypatch.setattr(objective, "_nonsingular", lambda R11, rtol, *safety: False)
+    svd_path = objective.OutputProblem(R32, n, alpha)
+    A2, B2 = svd_path.factors(W.float(), r)
+    assert svd_path.path() == f"SVD of R11 (range {n} of {n})"
+    torch.testing.assert_close(A @ B, A2 @ B2, rtol=0, atol=2e-5 * float(torch.linalg.norm(A2 @ B2)))
+
+
+def test_svd_path_stays_where_its_cutoff_drops_directions():
+    n = 64
+    X, Xh = shifted_pair(n, log_spectrum(n, 1e6), seed=2)
+    problem = objective.OutputProblem(r_full(Xh, X, torch.float32), n, 0.5)
+    assert problem.path() is None
+    problem.factors(torch.randn(96, n), 16)
+    path = problem.path()
+    assert path.startswith("SVD of R11 (range ") and int(path.split()[4]) < n
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

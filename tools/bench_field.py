@@ -17,8 +17,9 @@ Protocol (LowRankArena's, where this machine allows):
 
 Rows: original, SVD-LLM uniform, COALA uniform and ZS-SVD's one-shot selection on COALA's
 components (``zssvd``: `solve --allocate loss`; plain store), `compress --allocate uniform`
-(``--rows compress``: its default before loss-aware ranks) and `compress --allocate loss`
-(``--rows compress-loss``: its default now), at each of ``--ratios``.
+(``--rows compress``) and `compress --allocate loss` (``--rows compress-loss``), at each of
+``--ratios``; compress's default is the second below ratio 0.4 and the first from 0.4 on
+(`compress.default_allocation`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ ONE_SHOT = {"svdllm": ("SVD-LLM, uniform", ["--method", "svdllm"]),
 # "compress" was compress's defaults until --allocate loss became the default: its rows (and
 # the records cached under its keys) are uniform ranks, now asked for by name
 COMPRESS = {"compress": ("`compress --allocate uniform`", ["--allocate", "uniform"]),
-            "compress-loss": ("`compress --allocate loss` (its default)", ["--allocate", "loss"])}
+            "compress-loss": ("`compress --allocate loss`", ["--allocate", "loss"])}
 
 
 def main() -> None:

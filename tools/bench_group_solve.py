@@ -2,9 +2,10 @@
 
 The propagating capture solves each group from R_full of its pair ([Xh | X], or [Xh | X W^T]
 for down_proj) with `objective.OutputProblem`: an SVD of (R12 or R11 W^T) per layer, and once
-per input either a triangular solve with R11 or, when R11 is not clearly well-conditioned
-(cond(R11) * 10 >= 1 / (n eps): ~93 for n = 8960 in float32) or has fewer rows than columns
-(fewer tokens than features), a full SVD of R11. This script times one decoder block's groups
+per input either a triangular solve with R11 (in float64 when cond(R11) * 10 >= 1 / (n eps),
+~93 for n = 8960 in float32, but cond(R11) * 2 < 1 / (n eps)) or, when R11 is more
+ill-conditioned than that or has fewer rows than columns (fewer tokens than features), a full
+SVD of R11. This script times one decoder block's groups
 of a Qwen2-shaped model (``--hidden``, ``--intermediate``, ``--kv``) on a synthetic upper
 triangular R_full with a prescribed condition number of R11 (its diagonal spread
 logarithmically over ``--cond``; the rest small noise), for each ``--tokens`` (the rows of R:
@@ -84,10 +85,9 @@ def main() -> None:
                     row += m
                     problem.factors(W, rank, cols=cols)
                     first = cpu() - c0 if first is None else first
-                solver = problem._solvers[(torch.float32, torch.device("cpu"))]
                 print(json.dumps({"tokens": tokens, "cond": cond, "group": name, "n": n,
                                   "outputs": outs, "rows_of_R": R.shape[0],
-                                  "path": "triangular" if solver[2] is None else "SVD of R11",
+                                  "path": problem.path(),
                                   "cpu_s": round(cpu() - c0, 2),
                                   "first_layer_cpu_s": round(first, 2),
                                   "threads": args.threads}), flush=True)
