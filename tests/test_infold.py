@@ -146,11 +146,17 @@ def test_commit_folded_records_chunks_that_were_never_written(tmp_path):
 PLAIN = dict(sequential=True, samples=12, seq_len=32, chunk_tokens=64)
 
 
+def plain_config(model_dir, out, text_file, **kw) -> SequentialConfig:
+    """A block-by-block capture without propagation (none of SETTINGS' output objective)."""
+    return SequentialConfig(out=str(out), model=str(model_dir), data=str(text_file),
+                            **PLAIN, **kw)
+
+
 @pytest.fixture(scope="module")
 def plain_written(tiny_model_dir, text_file, tmp_path_factory):
     model_dir = tiny_model_dir("float32", num_hidden_layers=2)
     out = tmp_path_factory.mktemp("plain") / "w.zarr"
-    run_capture(config(model_dir, out, text_file, **PLAIN), progress=False)
+    run_capture(plain_config(model_dir, out, text_file), progress=False)
     run_reduce(str(out), ReduceConfig(device="cpu"), progress=False)
     return model_dir, out
 
@@ -175,7 +181,7 @@ def test_a_plain_capture_folds_in_memory_to_reduces_r(plain_written, text_file, 
 
     model_dir, ref = plain_written
     out = tmp_path / "f.zarr"
-    s = run_capture(config(model_dir, out, text_file, **PLAIN, drop_activations=True),
+    s = run_capture(plain_config(model_dir, out, text_file, drop_activations=True),
                     progress=False)
     assert s["raw_bytes"] == 0 and s["status"] == "complete"
     assert_same_plain(ref, out)
@@ -198,8 +204,9 @@ def test_a_plain_capture_folds_in_memory_to_reduces_r(plain_written, text_file, 
 
 def test_a_plain_fold_killed_mid_block_resumes_to_the_same_r(plain_written, text_file,
                                                              tmp_path, monkeypatch):
-    """A failure after some of block 0's inputs committed further than others (q/k/v at 4
-    chunks, down_proj at 0): the resumed pass starts at the fewest and skips what each holds."""
+    """A failure after some of block 0's inputs committed further than others (each commits
+    at its own group boundaries): the resumed pass starts at the fewest and skips what each
+    holds."""
     model_dir, ref = plain_written
     out = tmp_path / "f.zarr"
     from coala_stream.sequential import infold
@@ -208,18 +215,18 @@ def test_a_plain_fold_killed_mid_block_resumes_to_the_same_r(plain_written, text
 
     def write(path, part, meta):
         calls.append((meta["input"], meta["next_chunk"]))
-        if len(calls) == 7:  # after three inputs committed 2 chunks and three 4
+        if len(calls) == 7:
             raise RuntimeError("injected failure")
         return real_write(path, part, meta)
 
     monkeypatch.setattr(infold, "write_result", write)
     with pytest.raises(RuntimeError, match="injected failure"):
-        run_capture(config(model_dir, out, text_file, **PLAIN, drop_activations=True),
+        run_capture(plain_config(model_dir, out, text_file, drop_activations=True),
                     progress=False)
     with open_store(out) as o:
         committed = {o.input(n).num_chunks for n in o.inputs if ".layers.0." in n}
     assert len(committed) > 1  # uneven, as the resume must handle
     monkeypatch.undo()
-    run_capture(config(model_dir, out, text_file, **PLAIN, drop_activations=True),
+    run_capture(plain_config(model_dir, out, text_file, drop_activations=True),
                 progress=False)
     assert_same_plain(ref, out)
