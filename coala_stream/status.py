@@ -63,6 +63,10 @@ def store_status(store) -> dict:
             # the codec's ratio; none once chunks were dropped (their bytes are not on disk)
             "ratio": round(raw / stored, 4) if stored and not dropped else None,
             "dropped_chunks": dropped,
+            # reduce's results (the R's) and a propagating capture's factors: beside the
+            # activations, and all there is on disk once they were dropped
+            "reduce_bytes": _dir_bytes(store.reduce_dir),
+            "applied_bytes": _dir_bytes(store.applied_dir),
             "reduce": _count_states(inputs),
         },
         "inputs": inputs,
@@ -100,6 +104,11 @@ def _input_status(store, name: str) -> dict:
         "stored_bytes": store.stored_bytes(name),
         "reduce": reduce,
     }
+
+
+def _dir_bytes(path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _count_states(inputs: list[dict]) -> dict:

@@ -193,6 +193,9 @@ def test_a_plain_capture_folds_in_memory_to_reduces_r(plain_written, text_file, 
     assert got["totals"]["dropped_chunks"] == 48 and got["totals"]["ratio"] is None
     assert got["totals"]["reduce"] == {"complete": 8}
     assert "48 chunks dropped" in render(got) and "ratio" not in render(got).split("size")[1]
+    on_disk = sum(f.stat().st_size for f in (out / "reduce").rglob("*") if f.is_file())
+    assert got["totals"]["reduce_bytes"] == on_disk > 0 and got["totals"]["applied_bytes"] == 0
+    assert "reduce results" in render(got).split("size")[1]
     a = run_solve(ref, SolveConfig(out=str(tmp_path / "a"), ratio=0.3), progress=False)
     b = run_solve(out, SolveConfig(out=str(tmp_path / "b"), ratio=0.3), progress=False)
     assert a["totals"]["layers"] == b["totals"]["layers"] == 14

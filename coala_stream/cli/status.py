@@ -59,7 +59,9 @@ def render(s: dict) -> str:
         f"size        {tot['inputs']} inputs, {_mb(tot['raw_bytes'])} raw, {_mb(tot['stored_bytes'])} "
         f"on disk " + (f"({tot['dropped_chunks']} chunks dropped: folded into the reduce "
                        f"results, their rows not kept)" if tot.get("dropped_chunks")
-                       else f"(ratio {tot['ratio'] or '-'})"),
+                       else f"(ratio {tot['ratio'] or '-'})")
+        + f"; reduce results {_mb(tot.get('reduce_bytes', 0))}"
+        + (f", applied factors {_mb(tot['applied_bytes'])}" if tot.get("applied_bytes") else ""),
         "",
     ]
     rows = [("input", "read by", "n", "tokens", "chunks", "on disk", "reduce")]
