@@ -58,12 +58,18 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--groups", nargs="+", default=["attn", "o", "mlp", "down"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-float64-solve", action="store_true",
+                    help="R11's SVD wherever the float32 triangular solve is not accurate (the "
+                         "code before the float64 solve), for a pair in one run")
     args = ap.parse_args()
 
     import torch
 
+    from coala_stream import objective
     from coala_stream.objective import OutputProblem
 
+    if args.no_float64_solve:
+        objective._RANGE_SAFETY = float("inf")  # no cond passes: the SVD, as before 736f1c4
     torch.set_num_threads(args.threads)
     h, f, kv = args.hidden, args.intermediate, args.kv
     # group -> (input width n, consumers' output widths, narrow pair)
