@@ -462,11 +462,12 @@ class OutputProblem:
                 self._solvers[key] = (shift, _triangular_solve(R11), None)
                 self._paths[key] = "triangular"
             elif (R11.dtype != torch.float64 and R11.shape[0] >= R11.shape[1]
-                  and _nonsingular(R11.double(), rtol, _RANGE_SAFETY)):
+                  and _nonsingular(R64 := R11.double(), rtol, _RANGE_SAFETY)):
                 # rtol stays the working dtype's: it is the accuracy of R11's own entries
-                self._solvers[key] = (shift, _triangular_solve(R11.double(), R11.dtype), None)
+                self._solvers[key] = (shift, _triangular_solve(R64, R11.dtype), None)
                 self._paths[key] = "triangular in float64"
             else:
+                R64 = None  # not held through the SVD (n^2 doubles: 640 MB at n = 8960)
                 P1, sig, Q1h = svd(R11)
                 keep = sig > rtol * sig[0] if sig.numel() and float(sig[0]) > 0 else sig > 0
                 p = int(keep.sum())
