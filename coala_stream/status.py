@@ -8,6 +8,8 @@ whether solve accepts it). Reads attributes and reduce-file headers, no data.
 
 from __future__ import annotations
 
+import stat
+
 from .capture import capture_state
 from .reduce import MERGED_FROM, result_state
 from .reduce.result import RESTART_HINT
@@ -107,8 +109,16 @@ def _input_status(store, name: str) -> dict:
 
 
 def _dir_bytes(path) -> int:
-    """Bytes of the files under ``path`` (0 when it does not exist)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    """Bytes of the files under ``path`` (0 when it does not exist). A running reduce or
+    capture renames its temporary files into place: one gone between listing and stat counts 0."""
+    total = 0
+    for f in path.rglob("*") if path.is_dir() else ():
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def _count_states(inputs: list[dict]) -> dict:

@@ -861,3 +861,26 @@ def test_narrow_pair_input_is_recorded_and_checked(tmp_path, backend, capsys):
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{N}+6" in out and f"{N}+7" in out
+
+
+def test_status_counts_the_files_under_a_directory_and_skips_one_renamed_away(tmp_path, monkeypatch):
+    """A reduce writing beside a `status` renames its temporary files: one listed and then
+    gone is not an error."""
+    from pathlib import Path
+
+    from coala_stream import status
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.safetensors").write_bytes(b"12345")
+    (tmp_path / "y").write_bytes(b"123")
+    class Gone:  # listed, then renamed away before its size is read
+        def is_file(self):
+            return True
+
+        def stat(self):
+            raise FileNotFoundError("gone.tmp")
+
+    real = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, p: [*real(self, p), Gone()])
+    assert status._dir_bytes(tmp_path) == 8
+    assert status._dir_bytes(tmp_path / "missing") == 0
