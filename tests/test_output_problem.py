@@ -176,6 +176,32 @@ def test_narrow_pair_in_float32_loses_what_the_wide_pair_loses(conditioning):
     assert got == pytest.approx(ref, rel=1e-6)
 
 
+def test_narrow_pair_in_the_float64_band_keeps_the_svd_paths_answer(monkeypatch):
+    """cond(R11) ~ 1.2e5 at n = 16 in float32: past the float32 solve's bound, inside the SVD's
+    keep-all range. The float64 triangular solve of the narrow pair lands on the float64
+    optimum (measured 4e-12 above it) and on the SVD path's factors."""
+    from coala_stream import objective
+
+    g = torch.Generator().manual_seed(0)
+    _, X, Xh = data(n=16, N=200, seed=0)
+    scale = torch.logspace(0, -5, 16, dtype=F64)
+    X, Xh = X * scale, Xh * scale
+    W = torch.randn(6, 16, generator=g, dtype=F64)
+    narrow = fold_r([torch.cat([Xh, X @ W.T], dim=1)], dtype=F64)
+    cols = slice(0, 6)
+    best = direct(W, X, Xh, *OutputProblem(narrow, 16, 0.5, outputs=(6,)).factors(
+        W, 3, cols=cols), 0.5)
+    problem = OutputProblem(narrow.float(), 16, 0.5, outputs=(6,))
+    A, B = problem.factors(W.float(), 3, cols=cols)
+    assert problem.path() == "triangular in float64"
+    assert direct(W, X, Xh, A, B, 0.5) <= best * (1 + 1e-8)
+    monkeypatch.setattr(objective, "_nonsingular", lambda R11, rtol, *safety: False)
+    svd_path = OutputProblem(narrow.float(), 16, 0.5, outputs=(6,))
+    A2, B2 = svd_path.factors(W.float(), 3, cols=cols)
+    assert svd_path.path().startswith("SVD of R11")
+    torch.testing.assert_close(A @ B, A2 @ B2, rtol=0, atol=1e-5 * float(torch.linalg.norm(A2 @ B2)))
+
+
 def test_narrow_pair_solve_layer_and_aasvd_agree_with_the_wide_pair():
     """Through solve's own layer code (coala, and aasvd from the narrow Gram matrix)."""
     outputs = (5, 3)
